@@ -1,0 +1,33 @@
+"""contrareg_tf: TF2/Keras reproduction of ContraReg (MICCAI 2022), MIND/DNS descriptors, instance optimisation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="contrareg_tf",
+    version="0.1.0",
+    description="ContraReg (contrastive multi-modality deformable registration) in TensorFlow 2 / Keras",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["contrareg_tf", "contrareg_tf.*"]),
+    package_data={"contrareg_tf": ["py.typed"]},
+    install_requires=[
+        # TF 2.15 is the last release with Keras 2 as tf.keras and the last one tfa 0.23 supports.
+        # `tensorflow` (not tensorflow-cpu) so that GPU users get CUDA kernels.
+        "tensorflow==2.15.*",
+        "tensorflow-addons==0.23.0",
+        # 0.3.x of both are PyTorch-only: pin exactly.
+        "voxelmorph==0.2",
+        "neurite==0.2",
+        "numpy<2",
+        "scipy",
+        "nibabel",
+        "nilearn",  # ships the MNI152 T1w + GM/WM maps used for the built-in proxy data
+        "matplotlib",
+        "tqdm",
+        "h5py",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "bench": ["antspyx", "itk-elastix"],
+    },
+)

@@ -1,0 +1,10 @@
+"""Test setup: the compat shim first, quiet TF, single-threaded determinism where it matters."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import contrareg_tf  # noqa: E402,F401  (installs the compat patches before neurite/voxelmorph)
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end test (minutes); still run in CI")
