@@ -1,0 +1,1 @@
+"""losses package (see module docstrings)."""

@@ -1,0 +1,1 @@
+"""networks package (see module docstrings)."""
