@@ -1,7 +1,7 @@
 """Shared command-line plumbing for the thin scripts in ``train_scripts/`` and ``eval_scripts/``."""
 import sys
 
-from .errors import ContraRegInputError
+from .errors import ContraRegInputError, TrainingDiverged
 
 
 def run_cli(main, argv=None):
@@ -12,6 +12,9 @@ def run_cli(main, argv=None):
     except (ContraRegInputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1,0 +1,241 @@
+"""Data-set description: which files make up each subject, and the train/val/test split.
+
+Two sources (paper §3: dHCP T1w/T2w, 405/23/64 train/val/test):
+- a CSV with columns ``subject,t1,t2,labels[,mask][,split]`` (paths may be relative to the CSV's folder;
+  other columns are kept in ``Subject.extra``);
+- a folder ``ROOT/<subject>/{t1,t2,labels[,mask]}.nii.gz`` (``.nii`` also accepted).
+Without a split column, subjects get a deterministic split from a seed with the paper's 405/23/64 ratios
+scaled to the count (at least 1 val and 1 test subject when n >= 3).
+"""
+import csv
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ContraRegInputError
+
+REQUIRED_COLUMNS = ("subject", "t1", "t2", "labels")
+OPTIONAL_COLUMNS = ("mask", "split")
+SPLITS = ("train", "val", "test")
+PAPER_SPLIT = (405, 23, 64)  # dHCP train/val/test counts (paper §3)
+CSV_NAME = "dataset.csv"
+FILE_KEYS = ("t1", "t2", "labels", "mask")
+
+
+@dataclass
+class Subject:
+    """One subject: absolute paths of modality 1 (``t1``), modality 2 (``t2``), ``labels``, optional
+    ``mask``; ``split`` in {train, val, test}; ``extra`` holds any other CSV columns (e.g. proxy warps)."""
+    subject: str
+    t1: str
+    t2: str
+    labels: str
+    mask: Optional[str] = None
+    split: Optional[str] = None
+    extra: Dict[str, str] = field(default_factory=dict)
+
+    def files(self) -> Dict[str, str]:
+        return {k: getattr(self, k) for k in FILE_KEYS if getattr(self, k)}
+
+
+@dataclass
+class Description:
+    """A data set: ``subjects`` (list of :class:`Subject`, every one with a split), ``source`` (CSV or
+    folder it came from), ``seed`` used for any derived split, ``meta`` (free-form, e.g. proxy params)."""
+    subjects: List[Subject]
+    source: Optional[str] = None
+    seed: int = 0
+    meta: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> List[Subject]:
+        """Subjects of split ``name`` ('train', 'val' or 'test'; 'all' gives every subject)."""
+        if name == "all":
+            return list(self.subjects)
+        if name not in SPLITS:
+            raise ContraRegInputError(f"unknown split {name!r}; choose one of {SPLITS + ('all',)}")
+        return [s for s in self.subjects if s.split == name]
+
+    @property
+    def names(self) -> List[str]:
+        return [s.subject for s in self.subjects]
+
+    def __len__(self):
+        return len(self.subjects)
+
+    def __getitem__(self, i) -> Subject:
+        return self.subjects[i]
+
+
+def split_counts(n: int, ratios: Sequence[int] = PAPER_SPLIT):
+    """(n_train, n_val, n_test) for ``n`` subjects with the paper's ratios; >= 1 val and test if n >= 3."""
+    if n < 3:
+        return n, 0, 0
+    tot = float(sum(ratios))
+    n_val = max(1, int(round(n * ratios[1] / tot)))
+    n_test = max(1, int(round(n * ratios[2] / tot)))
+    return n - n_val - n_test, n_val, n_test
+
+
+def assign_splits(names: Sequence[str], seed: int = 0) -> List[str]:
+    """Deterministic split labels for ``names`` (depends on the set of names and ``seed`` only)."""
+    names = list(names)
+    n_tr, n_va, n_te = split_counts(len(names))
+    order = sorted(range(len(names)), key=lambda i: names[i])
+    perm = np.random.default_rng(seed).permutation(len(names))
+    labels = ["train"] * n_tr + ["val"] * n_va + ["test"] * n_te
+    out = [None] * len(names)
+    for rank, j in enumerate(perm):
+        out[order[j]] = labels[rank]
+    return out
+
+
+def _resolve(path: str, base: str) -> str:
+    path = os.path.expanduser(path.strip())
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+
+
+def _check_files(subjects: List[Subject], where: str):
+    for s in subjects:
+        for key, p in s.files().items():
+            if not os.path.isfile(p):
+                raise ContraRegInputError(f"{where}: subject {s.subject!r}: {key} file not found: {p}")
+
+
+def _finish(subjects: List[Subject], where: str, seed: int, check_files: bool, meta=None) -> Description:
+    if not subjects:
+        raise ContraRegInputError(f"{where}: no subjects found")
+    seen = set()
+    for s in subjects:
+        if s.subject in seen:
+            raise ContraRegInputError(f"{where}: duplicate subject {s.subject!r}")
+        seen.add(s.subject)
+        if s.split is not None and s.split not in SPLITS:
+            raise ContraRegInputError(f"{where}: subject {s.subject!r}: invalid split {s.split!r} "
+                                      f"(expected one of {SPLITS})")
+    todo = [s for s in subjects if s.split is None]
+    if todo:
+        for s, lab in zip(todo, assign_splits([s.subject for s in todo], seed)):
+            s.split = lab
+    if check_files:
+        _check_files(subjects, where)
+    return Description(subjects=subjects, source=where, seed=seed, meta=dict(meta or {}))
+
+
+def _read_csv(path: str, seed: int, check_files: bool) -> Description:
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            cols = [c.strip() for c in (rows[0].keys() if rows else [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ContraRegInputError(f"{path}: cannot read CSV ({e})") from None
+    if not rows:
+        raise ContraRegInputError(f"{path}: CSV has no rows (expected a header and one row per subject)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in cols]
+    if missing:
+        raise ContraRegInputError(f"{path}: missing column(s) {missing}; required {list(REQUIRED_COLUMNS)}, "
+                                  f"found {cols}")
+    subjects = []
+    for i, row in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+        for c in REQUIRED_COLUMNS:
+            if not row.get(c):
+                raise ContraRegInputError(f"{path}: line {i}: empty value in column {c!r}")
+        extra = {k: _resolve(v, base) if v and k.startswith(("warp", "file_")) else v
+                 for k, v in row.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS and k}
+        subjects.append(Subject(
+            subject=row["subject"], t1=_resolve(row["t1"], base), t2=_resolve(row["t2"], base),
+            labels=_resolve(row["labels"], base),
+            mask=_resolve(row["mask"], base) if row.get("mask") else None,
+            split=row.get("split") or None, extra=extra))
+    return _finish(subjects, path, seed, check_files)
+
+
+def _find(folder: str, stem: str) -> Optional[str]:
+    for ext in (".nii.gz", ".nii"):
+        p = os.path.join(folder, stem + ext)
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+def _read_folder(root: str, seed: int, check_files: bool) -> Description:
+    subjects = []
+    for name in sorted(os.listdir(root)):
+        d = os.path.join(root, name)
+        if name.startswith(".") or not os.path.isdir(d):
+            continue
+        found = {k: _find(d, k) for k in FILE_KEYS}
+        if not any(found.values()):
+            continue  # not a subject folder
+        for k in ("t1", "t2", "labels"):
+            if found[k] is None:
+                raise ContraRegInputError(f"{root}: subject {name!r}: missing {k}.nii.gz in {d}")
+        subjects.append(Subject(subject=name, t1=found["t1"], t2=found["t2"], labels=found["labels"],
+                                mask=found["mask"]))
+    if not subjects:
+        raise ContraRegInputError(f"{root}: no subject folders with t1/t2/labels .nii.gz found (and no "
+                                  f"{CSV_NAME})")
+    return _finish(subjects, root, seed, check_files)
+
+
+def load_description(path, seed: int = 0, check_files: bool = True) -> Description:
+    """Load a data-set description from a CSV file, a folder holding ``dataset.csv``, or a folder layout
+    ``ROOT/<subject>/{t1,t2,labels[,mask]}.nii.gz``. Subjects without a split get a seeded one."""
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise ContraRegInputError(f"{p}: data-set description not found")
+    if os.path.isdir(p):
+        csv_path = os.path.join(p, CSV_NAME)
+        if os.path.isfile(csv_path):
+            return _read_csv(csv_path, seed, check_files)
+        return _read_folder(p, seed, check_files)
+    return _read_csv(p, seed, check_files)
+
+
+def write_description(csv_path, records, relative: bool = True) -> str:
+    """Write subjects (a :class:`Description` or a list of :class:`Subject`) to ``csv_path`` atomically;
+    paths are stored relative to the CSV's folder when ``relative``. Returns the path."""
+    subjects = records.subjects if isinstance(records, Description) else list(records)
+    if not subjects:
+        raise ContraRegInputError(f"{csv_path}: no subjects to write")
+    csv_path = os.fspath(csv_path)
+    base = os.path.dirname(os.path.abspath(csv_path))
+
+    def rel(p):
+        if not p:
+            return ""
+        return os.path.relpath(os.path.abspath(p), base) if relative else os.path.abspath(p)
+
+    cols = list(REQUIRED_COLUMNS)
+    if any(s.mask for s in subjects):
+        cols.append("mask")
+    if any(s.split for s in subjects):
+        cols.append("split")
+    extra_cols = sorted({k for s in subjects for k in s.extra})
+    cols += extra_cols
+    fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".csv", dir=base)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for s in subjects:
+                row = [s.subject, rel(s.t1), rel(s.t2), rel(s.labels)]
+                if "mask" in cols:
+                    row.append(rel(s.mask))
+                if "split" in cols:
+                    row.append(s.split or "")
+                for k in extra_cols:
+                    v = s.extra.get(k, "")
+                    row.append(rel(v) if v and k.startswith(("warp", "file_")) else v)
+                w.writerow(row)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, csv_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return csv_path

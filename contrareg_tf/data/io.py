@@ -1,0 +1,264 @@
+"""NIfTI input/output and volume preprocessing (nibabel + numpy + scipy.ndimage).
+
+Every bad input raises :class:`contrareg_tf.errors.ContraRegInputError` naming the file/argument and the
+problem: missing file, not a NIfTI, 4-D image, wrong dimensionality, NaN/Inf voxels, mismatched shapes,
+empty mask. Writes are atomic (temporary file in the same folder, then ``os.replace``).
+"""
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+import scipy.ndimage as ndi
+
+from ..errors import ContraRegInputError
+
+NIFTI_EXTS = (".nii.gz", ".nii")
+
+
+@dataclass
+class Volume:
+    """A loaded image: ``data`` (float32, spatial dims only), ``affine`` (4x4), ``header``, ``path``."""
+    data: np.ndarray
+    affine: np.ndarray
+    header: Any
+    path: Optional[str] = None
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def spacing(self) -> Tuple[float, ...]:
+        """Voxel size in mm (column norms of the affine), one value per spatial dim."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0)[: self.data.ndim])
+
+
+def _name(path):
+    return os.fspath(path) if path is not None else "<array>"
+
+
+def load_nifti(path, ndim: Optional[int] = None, vector: bool = False, dtype=np.float32) -> Volume:
+    """Load a NIfTI file as float32 ``Volume``.
+
+    Trailing singleton dimensions beyond the spatial ones are squeezed (e.g. (X, Y, Z, 1) -> (X, Y, Z),
+    and with ``ndim=2`` (X, Y, 1) -> (X, Y)). ``vector=True`` keeps one trailing component axis (a
+    displacement field of shape (*vol, ndim)). ``ndim`` (2 or 3), if given, is enforced.
+    """
+    import nibabel as nib
+
+    p = _name(path)
+    if ndim is not None and ndim not in (2, 3):
+        raise ContraRegInputError(f"ndim must be 2 or 3, got {ndim!r} (loading {p})")
+    if not os.path.exists(p):
+        raise ContraRegInputError(f"{p}: file not found")
+    if os.path.isdir(p):
+        raise ContraRegInputError(f"{p}: is a folder, expected a NIfTI file")
+    try:
+        img = nib.load(p)
+        if not hasattr(img, "affine") or not hasattr(img, "dataobj"):
+            raise TypeError(f"{type(img).__name__} is not a spatial image")
+        data = np.asarray(img.dataobj, dtype=dtype)
+    except Exception as e:  # nibabel raises many types (ImageFileError, gzip/EOF/OSError, ...)
+        raise ContraRegInputError(f"{p}: not a readable NIfTI image ({type(e).__name__}: {e})") from None
+
+    shape = data.shape
+    nspat = ndim if ndim is not None else min(max(len(shape), 2), 3)
+    if vector:
+        comps = shape[-1] if len(shape) > nspat else None
+        body = shape[:-1] if comps is not None else shape
+    else:
+        body = shape
+    # squeeze trailing singleton axes beyond the spatial ones
+    while len(body) > nspat and body[-1] == 1:
+        body = body[:-1]
+    if len(body) > 3:
+        raise ContraRegInputError(f"{p}: image is {len(body)}-D with shape {shape}; expected a 2-D or 3-D "
+                                  f"volume (only a trailing singleton 4th dimension is allowed)")
+    if ndim is not None and len(body) != ndim:
+        raise ContraRegInputError(f"{p}: expected a {ndim}-D image, got shape {shape}")
+    if len(body) < 2:
+        raise ContraRegInputError(f"{p}: expected a 2-D or 3-D image, got shape {shape}")
+    if vector:
+        if len(shape) <= len(body):
+            raise ContraRegInputError(f"{p}: expected a vector field of shape (*vol, {len(body)}), got {shape}")
+        data = data.reshape(tuple(body) + (shape[-1],))
+    else:
+        data = data.reshape(body)
+    if not np.all(np.isfinite(data)):
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        raise ContraRegInputError(f"{p}: contains {bad} NaN/Inf voxels")
+    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
+
+
+def _out_dtype(data: np.ndarray):
+    if data.dtype == bool:
+        return np.uint8
+    if np.issubdtype(data.dtype, np.integer):
+        lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
+            return np.int16
+        return np.int32
+    return np.float32
+
+
+def save_nifti(path, data, like: Optional[Volume] = None, affine=None, header=None, dtype=None) -> str:
+    """Write ``data`` to ``path`` (.nii or .nii.gz) atomically; returns the path.
+
+    Affine/header come from ``affine``/``header`` if given, else from ``like``, else identity. The
+    on-disk dtype is float32 for float data, int16 (int32 if needed) for integer labels, uint8 for bool
+    masks, unless ``dtype`` says otherwise; no intensity scaling is stored (slope 1, intercept 0).
+    """
+    import nibabel as nib
+
+    p = _name(path)
+    if not p.endswith(NIFTI_EXTS):
+        raise ContraRegInputError(f"{p}: output file name must end with .nii or .nii.gz")
+    data = np.asarray(data)
+    if data.ndim not in (2, 3, 4):
+        raise ContraRegInputError(f"{p}: cannot save an array of shape {data.shape} (expected 2-D to 4-D)")
+    if not (data.dtype == bool or np.issubdtype(data.dtype, np.number)):
+        raise ContraRegInputError(f"{p}: cannot save an array of dtype {data.dtype}")
+    if np.issubdtype(data.dtype, np.floating) and not np.all(np.isfinite(data)):
+        raise ContraRegInputError(f"{p}: refusing to save NaN/Inf voxels")
+    if affine is None:
+        affine = like.affine if like is not None else np.eye(4)
+    if header is None and like is not None:
+        header = like.header
+    dt = np.dtype(dtype) if dtype is not None else np.dtype(_out_dtype(data))
+    if header is not None and not isinstance(header, nib.Nifti1Header):
+        header = None  # e.g. an MGH header: start from a fresh NIfTI header
+    hdr = header.copy() if header is not None else None
+    arr = data.astype(dt, copy=False)
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64), header=hdr)
+    img.set_data_dtype(dt)
+    img.header.set_slope_inter(1.0, 0.0)
+    folder = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(folder):
+        raise ContraRegInputError(f"{p}: output folder {folder} does not exist")
+    ext = ".nii.gz" if p.endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(p)[: -len(ext)] + ".", suffix=ext, dir=folder)
+    os.close(fd)
+    try:
+        nib.save(img, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return p
+
+
+def _arr_and_name(x, default):
+    if isinstance(x, Volume):
+        return x.data, x.path or default
+    return np.asarray(x), default
+
+
+def check_same_shape(a, b, names: Sequence[str] = ("a", "b")):
+    """Raise if the spatial shapes of ``a`` and ``b`` (arrays or Volumes) differ; names go in the message."""
+    xa, na = _arr_and_name(a, names[0])
+    xb, nb = _arr_and_name(b, names[1])
+    if xa.shape != xb.shape:
+        raise ContraRegInputError(f"shape mismatch: {na} has shape {xa.shape} but {nb} has shape {xb.shape}")
+
+
+def normalize_intensity(x, mask=None, lo: float = 0.5, hi: float = 99.5) -> np.ndarray:
+    """Map intensities to [0, 1] by robust percentiles (``lo``/``hi``, within ``mask`` if given), clipped.
+    A constant image maps to zeros."""
+    x = np.asarray(x, dtype=np.float32)
+    if not 0 <= lo < hi <= 100:
+        raise ContraRegInputError(f"normalize_intensity: need 0 <= lo < hi <= 100, got lo={lo}, hi={hi}")
+    vals = x[np.asarray(mask, dtype=bool)] if mask is not None else x.ravel()
+    if vals.size == 0:
+        raise ContraRegInputError("normalize_intensity: mask is empty")
+    plo, phi = np.percentile(vals, [lo, hi])
+    if not phi > plo:
+        return np.zeros_like(x)
+    return np.clip((x - plo) / (phi - plo), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CropInfo:
+    """How ``crop_or_pad`` mapped the original grid: per spatial dim, ``crop`` = voxels cut before the
+    kept region (in the original), ``pad`` = voxels added before it (in the output)."""
+    orig_shape: Tuple[int, ...]
+    shape: Tuple[int, ...]
+    crop: Tuple[int, ...]
+    pad: Tuple[int, ...]
+
+    @property
+    def kept(self) -> Tuple[int, ...]:
+        return tuple(min(o, s) for o, s in zip(self.orig_shape, self.shape))
+
+
+def crop_or_pad(x, shape: Sequence[int], fill=0) -> Tuple[np.ndarray, CropInfo]:
+    """Centre-crop or zero-pad the leading ``len(shape)`` axes of ``x`` to ``shape`` (trailing axes, e.g.
+    channels, are kept). Odd differences put the extra voxel at the end."""
+    x = np.asarray(x)
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    if x.ndim < nd or any(s < 1 for s in shape):
+        raise ContraRegInputError(f"crop_or_pad: cannot bring an array of shape {x.shape} to shape {shape}")
+    orig = x.shape[:nd]
+    crop, pad = [], []
+    for o, s in zip(orig, shape):
+        crop.append(max(o - s, 0) // 2)
+        pad.append(max(s - o, 0) // 2)
+    info = CropInfo(tuple(orig), shape, tuple(crop), tuple(pad))
+    kept = info.kept
+    src = tuple(slice(c, c + k) for c, k in zip(crop, kept))
+    dst = tuple(slice(p, p + k) for p, k in zip(pad, kept))
+    out = np.full(shape + x.shape[nd:], fill, dtype=x.dtype)
+    out[dst] = x[src]
+    return out, info
+
+
+def uncrop(y, info: CropInfo, fill=0) -> np.ndarray:
+    """Inverse of :func:`crop_or_pad`: place ``y`` back on the original grid (cropped-away voxels = fill)."""
+    y = np.asarray(y)
+    nd = len(info.shape)
+    if tuple(y.shape[:nd]) != tuple(info.shape):
+        raise ContraRegInputError(f"uncrop: array shape {y.shape[:nd]} does not match the cropped shape "
+                                  f"{info.shape}")
+    kept = info.kept
+    src = tuple(slice(p, p + k) for p, k in zip(info.pad, kept))
+    dst = tuple(slice(c, c + k) for c, k in zip(info.crop, kept))
+    out = np.full(tuple(info.orig_shape) + y.shape[nd:], fill, dtype=y.dtype)
+    out[dst] = y[src]
+    return out
+
+
+def foreground_mask(x, threshold: Optional[float] = None, fill_holes: bool = True,
+                    largest_component: bool = True, require_nonempty: bool = False,
+                    name: str = "image") -> np.ndarray:
+    """Binary foreground: ``x > threshold`` (default 10% of the 99.5th percentile), optionally hole-filled
+    and reduced to its largest connected component. ``require_nonempty`` raises on an empty mask."""
+    x = np.asarray(x, dtype=np.float32)
+    if threshold is None:
+        threshold = 0.1 * float(np.percentile(x, 99.5)) if x.size else 0.0
+    m = x > threshold
+    if largest_component and m.any():
+        lab, n = ndi.label(m)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            m = lab == (1 + int(np.argmax(sizes)))
+    if fill_holes and m.any():
+        m = ndi.binary_fill_holes(m)
+    if require_nonempty and not m.any():
+        raise ContraRegInputError(f"{name}: foreground mask is empty (threshold {threshold:g})")
+    return m
+
+
+def check_nonempty_mask(mask, name: str = "mask") -> np.ndarray:
+    """Return ``mask`` as bool, raising if it has no foreground voxel."""
+    m = np.asarray(mask) > 0
+    if not m.any():
+        raise ContraRegInputError(f"{name}: mask is empty (no foreground voxel)")
+    return m

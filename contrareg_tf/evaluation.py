@@ -1,0 +1,217 @@
+"""Evaluation as a function of λ (paper §3, Fig. 3, Table 1).
+
+For each of the 17 test λ values (``config.LAMBDAS_17``) every test pair (I1 = T1w of subject a, I2 = T2w of
+subject b) is registered by the hypernetwork; the moved label map (labels of b warped by φ, nearest neighbour)
+is compared with a's labels: Dice (mean over labels per pair, then over pairs), Dice30 (mean of the lowest 30%
+of per-pair Dice), % folding voxels of φ (of all voxels) and std log|J_φ| — for the forward warp and for the
+inverse warp φ⁻¹ (a's labels onto b). Table 1 reports each method at the λ of best Dice among those whose mean
+% folds stays below 0.5% of all voxels.
+"""
+import csv
+import math
+import os
+
+import numpy as np
+
+from .config import LAMBDAS_17
+from .errors import ContraRegInputError
+
+FOLD_BUDGET = 0.5  # % of all voxels (paper Table 1, after [30])
+
+CSV_FIELDS = ("lambda", "dice", "dice_std", "dice30", "folds", "folds_std", "sdlogj", "dice_inv", "dice30_inv",
+              "folds_inv", "sdlogj_inv", "n_pairs")
+
+
+def _warp_np(model_ref, img, flow, interp):
+    import voxelmorph as vxm
+
+    st = vxm.layers.SpatialTransformer(interp_method=interp, indexing="ij", fill_value=0)
+    return st([img, flow]).numpy()
+
+
+def register_batch(reg_model, moving, fixed, lam):
+    """Run the registration model on numpy batches; returns (moved, pos_flow, neg_flow)."""
+    lam_arr = np.full((moving.shape[0], 1), float(lam), np.float32)
+    out = reg_model.predict_on_batch([moving.astype(np.float32), fixed.astype(np.float32), lam_arr])
+    return [np.asarray(o) for o in out]
+
+
+def registration_model(model):
+    """[source, target, λ] → [y_source, pos_flow, neg_flow] of a λ-conditioned VxmDense."""
+    import tensorflow as tf
+
+    r = model.references
+    return tf.keras.Model(model.inputs, [r.y_source, r.pos_flow, r.neg_flow])
+
+
+def _pair_metrics(fixed_lab, moving_lab, flow, label_ids):
+    from . import metrics
+
+    moved = _warp_np(None, moving_lab[None, ..., None].astype(np.float32), flow[None], "nearest")[0, ..., 0]
+    d = metrics.dice(fixed_lab, np.rint(moved).astype(fixed_lab.dtype), labels=label_ids)
+    jac = metrics.jacobian_determinant(flow)
+    return (float(np.mean(list(d.values()))), metrics.folding_fraction(jac),
+            metrics.std_log_jacobian(jac))
+
+
+def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=True, desc="eval"):
+    """``pairs``: dict of stacks ``img1, img2`` (P, *vol) and ``labels1, labels2``. Returns one row per λ
+    (dict with the ``CSV_FIELDS``)."""
+    from tqdm.auto import tqdm
+
+    from .metrics import dice30
+
+    for k in ("img1", "img2", "labels1", "labels2"):
+        if k not in pairs:
+            raise ContraRegInputError(f"evaluation pairs lack {k!r}")
+    p = pairs["img1"].shape[0]
+    label_ids = sorted(int(v) for v in np.union1d(np.unique(pairs["labels1"]), np.unique(pairs["labels2"])) if v)
+    reg = registration_model(model)
+    rows = []
+    for lam in tqdm(lambdas, desc=desc, disable=not progress):
+        fw, bw = [], []
+        for s in range(0, p, batch_size):
+            sl = slice(s, min(p, s + batch_size))
+            # source = I2 (T2w of b), target = I1 (T1w of a)
+            _, pos, neg = register_batch(reg, pairs["img2"][sl][..., None], pairs["img1"][sl][..., None], lam)
+            for j, i in enumerate(range(sl.start, sl.stop)):
+                fw.append(_pair_metrics(pairs["labels1"][i], pairs["labels2"][i], pos[j], label_ids))
+                bw.append(_pair_metrics(pairs["labels2"][i], pairs["labels1"][i], neg[j], label_ids))
+        fw, bw = np.array(fw), np.array(bw)
+        rows.append({"lambda": float(lam), "dice": fw[:, 0].mean(), "dice_std": fw[:, 0].std(),
+                     "dice30": dice30(fw[:, 0]), "folds": fw[:, 1].mean(), "folds_std": fw[:, 1].std(),
+                     "sdlogj": fw[:, 2].mean(), "dice_inv": bw[:, 0].mean(), "dice30_inv": dice30(bw[:, 0]),
+                     "folds_inv": bw[:, 1].mean(), "sdlogj_inv": bw[:, 2].mean(), "n_pairs": p})
+    return rows
+
+
+def dice_before(pairs):
+    """Mean Dice of the unregistered pairs (the floor every method must rise above)."""
+    from . import metrics
+
+    return float(np.mean([metrics.mean_dice(a, b) for a, b in zip(pairs["labels1"], pairs["labels2"])]))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CSV / Table 1
+# ------------------------------------------------------------------------------------------------------------
+def write_csv(rows, path, fields=CSV_FIELDS):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields if k in r})
+    os.replace(tmp, path)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return [{k: (float(v) if k != "method" else v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def select_lambda(rows, budget=FOLD_BUDGET):
+    """The row with the best Dice among those with mean % folds < ``budget`` (None if none qualifies)."""
+    ok = [r for r in rows if r["folds"] < budget]
+    return max(ok, key=lambda r: r["dice"]) if ok else None
+
+
+def table1(results, budget=FOLD_BUDGET, before=None):
+    """``results``: {method: rows}. Returns (list of Table-1 rows, Markdown text)."""
+    out = []
+    for method, rows in results.items():
+        r = select_lambda(rows, budget)
+        if r is None:
+            out.append({"method": method, "lambda": math.nan, "dice": math.nan, "dice_std": math.nan,
+                        "dice30": math.nan, "folds": math.nan, "sdlogj": math.nan})
+        else:
+            out.append({"method": method, **{k: r[k] for k in ("lambda", "dice", "dice_std", "dice30", "folds",
+                                                               "sdlogj")}})
+    lines = [f"| Method | Opt. λ | Dice (↑) | Dice30 (↑) | % Folds (↓) | Sdlog\\|J\\| (↓) |",
+             "|---|---|---|---|---|---|"]
+    for r in out:
+        if math.isnan(r["dice"]):
+            lines.append(f"| {r['method']} | – | no λ with folds < {budget}% | | | |")
+        else:
+            lines.append(f"| {r['method']} | {r['lambda']:.3g} | {r['dice']:.3f} ± {r['dice_std']:.3f} | "
+                         f"{r['dice30']:.3f} | {r['folds']:.3f} | {r['sdlogj']:.3f} |")
+    if before is not None:
+        lines.append(f"| (before registration) | – | {before:.3f} | | | |")
+    return out, "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------------------
+def plot_fig3(results, path, before=None, budget=FOLD_BUDGET):
+    """Fig. 3-style curves: Dice, % folds and std log|J| against λ, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for method, rows in results.items():
+        lam = [r["lambda"] for r in rows]
+        for ax, key in zip(axes, ("dice", "folds", "sdlogj")):
+            ax.plot(lam, [r[key] for r in rows], marker="o", ms=3, label=method)
+    if before is not None:
+        axes[0].axhline(before, color="gray", ls=":", label="before")
+    axes[1].axhline(budget, color="red", ls="--", lw=0.8, label=f"{budget}% budget")
+    for ax, t in zip(axes, ("Dice", "% folding voxels", "std log|J|")):
+        ax.set_xlabel("λ")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _mid_slice(x):
+    return x if x.ndim == 2 else x[:, :, x.shape[2] // 2]
+
+
+def plot_examples(examples, path):
+    """Fig. 2-style panel: for each method, fixed (T1w), moving (T2w), moved, |moved − fixed-subject T2w|
+    error map. ``examples``: {method: dict(fixed, moving, moved, target_t2)} (2-D or 3-D arrays)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(examples)
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    for i, (method, ex) in enumerate(examples.items()):
+        panels = [("fixed T1w", ex["fixed"]), ("moving T2w", ex["moving"]), ("moved", ex["moved"])]
+        if ex.get("target_t2") is not None:
+            panels.append(("|moved − target T2w|", np.abs(ex["moved"] - ex["target_t2"])))
+        for j, (title, img) in enumerate(panels):
+            axes[i, j].imshow(np.rot90(_mid_slice(img)), cmap="gray" if j < 3 else "magma")
+            axes[i, j].set_title(f"{method}: {title}" if j == 0 else title, fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# per-pair λ choice under a folding budget (register.py --max-folds)
+# ------------------------------------------------------------------------------------------------------------
+def choose_lambda(model, moving, fixed, max_folds, lambdas=None, similarity=None):
+    """Smallest-regularisation λ whose warp keeps % folds ≤ ``max_folds`` for this pair. Accuracy rises as λ
+    falls (less regularisation) while folding grows, so the best admissible λ is the smallest one under the
+    budget; we scan a fine grid (41 values) from 0 upwards and stop at the first admissible λ. Returns
+    ``(lam, folds, outputs)``."""
+    from . import metrics
+
+    lambdas = np.linspace(0.0, 1.0, 41) if lambdas is None else lambdas
+    reg = registration_model(model)
+    for lam in lambdas:
+        out = register_batch(reg, moving[None, ..., None], fixed[None, ..., None], lam)
+        folds = metrics.folding_fraction(metrics.jacobian_determinant(out[1][0]))
+        if folds <= max_folds:
+            return float(lam), float(folds), out
+    raise ContraRegInputError(f"no λ in [0, 1] keeps folds ≤ {max_folds}% for this pair")

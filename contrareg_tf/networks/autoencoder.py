@@ -1,0 +1,205 @@
+"""Modality-specific autoencoders A1 (T1w) / A2 (T2w) whose features feed PatchNCE (ContraReg paper §3).
+
+Architecture (paper: "7 blocks Conv(3)–InstanceNorm–LeakyReLU(0.2), 3 down- and 3 up-sampling layers,
+filters 32-64-128-64-32-32-32-1"). Our reading (the paper does not place the resampling):
+
+    block 1..3 : Conv(3, stride 2)            → InstanceNorm → LeakyReLU(0.2)     (down-sampling ×3)
+    block 4..6 : UpSampling(2) → Conv(3)       → InstanceNorm → LeakyReLU(0.2)     (up-sampling ×3)
+    block 7..  : Conv(3)                       → InstanceNorm → LeakyReLU(0.2)     (full resolution)
+    output     : Conv(3) to filters[-1] = 1 channel, linear                        (reconstruction)
+
+so the feature maps f1..f6 (the **post-convolution, pre-norm** outputs of blocks 1..6) live at strides
+2, 4, 8, 4, 2, 1 relative to the input (``feature_strides``). No skip connections. Instance norm is
+``tf.keras.layers.GroupNormalization(groups=-1)`` (eps 1e-3, affine), numerically identical to tfa's
+``InstanceNormalization`` and weight-compatible with it (REFERENCE §9). Convs: he-normal kernels (vxm's
+U-Net default), zero biases. Fully convolutional: input (None,)*ndim + (1,); spatial sizes must be
+divisible by 8 (pass ``inshape`` to fix and check them).
+
+Model outputs ``[recon, f1, ..., f6]``. The loss module uses the 6 features of a *frozen* AE (``freeze``);
+``random_autoencoder`` gives the RandAE ablation (random, frozen weights).
+"""
+import os
+
+import h5py
+import numpy as np
+import tensorflow as tf
+
+from ..config import PAPER
+from ..errors import ContraRegInputError
+
+NB_DOWN = 3   # 3 stride-2 blocks, then 3 up-sampling blocks (paper §3)
+
+
+def feature_channels(filters=PAPER.ae_filters, n=PAPER.ae_nb_feature_layers):
+    """Channels of the n feature maps used by the loss: the first n block widths (32, 64, 128, 64, 32, 32)."""
+    if n > len(filters) - 1:
+        raise ContraRegInputError(f"n={n} feature layers requested but filters {tuple(filters)} has only "
+                                  f"{len(filters) - 1} blocks")
+    return [int(f) for f in filters[:n]]
+
+
+def _block_strides(nb_blocks, nb_down=NB_DOWN):
+    s, out = 1, []
+    for k in range(nb_blocks):
+        if k < nb_down:
+            s *= 2
+        elif k < 2 * nb_down:
+            s //= 2
+        out.append(s)
+    return out
+
+
+def feature_strides(n=PAPER.ae_nb_feature_layers, nb_down=NB_DOWN):
+    """Down-sampling factor of each feature map relative to the input (paper AE: [2, 4, 8, 4, 2, 1])."""
+    return _block_strides(n, nb_down)
+
+
+def _conv_norm_block(x, nfeat, k, ndim, name, down=False, up=False, seed=None):
+    """[UpSampling] → Conv(3, stride 2 if down) → InstanceNorm → LeakyReLU(0.2); returns (out, conv features)."""
+    L = tf.keras.layers
+    if up:
+        x = getattr(L, f"UpSampling{ndim}D")(size=2, name=f"{name}_up_{k}")(x)
+    init = tf.keras.initializers.HeNormal(seed=None if seed is None else seed + k)
+    feat = getattr(L, f"Conv{ndim}D")(nfeat, 3, strides=2 if down else 1, padding="same",
+                                      kernel_initializer=init, name=f"{name}_conv_{k}")(x)
+    y = L.GroupNormalization(groups=-1, name=f"{name}_norm_{k}")(feat)
+    y = L.LeakyReLU(0.2, name=f"{name}_act_{k}")(y)
+    return y, feat
+
+
+def build_autoencoder(ndim, filters=PAPER.ae_filters, nb_features=PAPER.ae_nb_feature_layers, name="ae",
+                      inshape=None, seed=None):
+    """Autoencoder with outputs ``[recon, f1, ..., f_nb_features]`` (see module docstring).
+
+    ndim: 2 or 3. filters: block widths + output channels (needs >= 2*3 + 1 entries). inshape: optional
+    fixed spatial shape (each size divisible by 8); default fully convolutional. seed: seeds the kernel
+    initialisers (reproducible random AEs).
+    """
+    if ndim not in (2, 3):
+        raise ContraRegInputError(f"ndim={ndim}: autoencoder supports 2 or 3 spatial dimensions")
+    filters = [int(f) for f in filters]
+    nb_blocks = len(filters) - 1
+    if nb_blocks < 2 * NB_DOWN or min(filters) < 1:
+        raise ContraRegInputError(f"filters {tuple(filters)}: need >= {2 * NB_DOWN} positive block widths + "
+                                  "the output channel count")
+    if not 1 <= nb_features <= nb_blocks:
+        raise ContraRegInputError(f"nb_features={nb_features}: must be in [1, {nb_blocks}]")
+    if inshape is not None:
+        inshape = tuple(int(s) for s in inshape)
+        if len(inshape) != ndim:
+            raise ContraRegInputError(f"inshape {inshape}: expected {ndim} spatial sizes")
+        bad = [s for s in inshape if s % 2 ** NB_DOWN or s < 1]
+        if bad:
+            raise ContraRegInputError(f"inshape {inshape}: sizes must be divisible by {2 ** NB_DOWN} "
+                                      f"(3 stride-2 blocks); {bad} not")
+    x = inp = tf.keras.Input(shape=(inshape or (None,) * ndim) + (1,), name=f"{name}_input")
+    feats = []
+    for k in range(1, nb_blocks + 1):
+        x, f = _conv_norm_block(x, filters[k - 1], k, ndim, name, down=k <= NB_DOWN,
+                                up=NB_DOWN < k <= 2 * NB_DOWN, seed=seed)
+        feats.append(f)
+    init = tf.keras.initializers.HeNormal(seed=None if seed is None else seed + nb_blocks + 1)
+    recon = getattr(tf.keras.layers, f"Conv{ndim}D")(filters[-1], 3, padding="same", kernel_initializer=init,
+                                                     name=f"{name}_conv_out")(x)
+    return tf.keras.Model(inp, [recon] + feats[:nb_features], name=name)
+
+
+def freeze(model):
+    """Make a model non-trainable (frozen autoencoders inside the contrastive loss). Returns it."""
+    model.trainable = False
+    for layer in model.layers:
+        layer.trainable = False
+    return model
+
+
+def random_autoencoder(ndim, seed, **kwargs):
+    """RandAE ablation: randomly initialised (seeded), frozen autoencoder."""
+    return freeze(build_autoencoder(ndim, seed=int(seed), **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# .h5 weights I/O with a topology check
+# ---------------------------------------------------------------------------------------------------------
+
+def _h5_str(s):
+    return s.decode("utf8") if isinstance(s, bytes) else str(s)
+
+
+def _file_layers(path):
+    """[(layer name, [(weight name, shape)])] for the layers with weights in a Keras .h5 weights file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ContraRegInputError(f"{path}: file not found")
+    if not h5py.is_hdf5(path):
+        raise ContraRegInputError(f"{path}: file is not an HDF5 weights file")
+    with h5py.File(path, "r") as f:
+        g = f
+        if "layer_names" not in g.attrs and "model_weights" in g:   # full-model .h5 (model.save)
+            g = g["model_weights"]
+        if "layer_names" not in g.attrs:
+            raise ContraRegInputError(f"{path}: file is not a Keras HDF5 weights file (no 'layer_names')")
+        out = []
+        for lname in (_h5_str(n) for n in g.attrs["layer_names"]):
+            wnames = [_h5_str(w) for w in g[lname].attrs.get("weight_names", [])]
+            if wnames:
+                out.append((lname, [(w, tuple(g[lname][w].shape)) for w in wnames]))
+    return out
+
+
+def _model_layers(model):
+    """Same listing for a model, in Keras' h5 order (trainable then non-trainable weights per layer)."""
+    out = []
+    for layer in model.layers:
+        ws = layer.trainable_weights + layer.non_trainable_weights
+        if ws:
+            out.append((layer.name, [(w.name, tuple(w.shape)) for w in ws]))
+    return out
+
+
+def check_weights_file(model, path):
+    """Raise ``ContraRegInputError`` naming the first mismatch between a Keras ``.h5`` weights file and
+    ``model``; otherwise return None.
+
+    Layers are matched in order, like Keras' (topological) ``load_weights``: layer names may differ (so a
+    file written by a tfa-``InstanceNormalization`` model of the same topology loads); the number of
+    layers with weights, the number of weights per layer and every weight shape must agree.
+    """
+    path = os.fspath(path)
+    found, expected = _file_layers(path), _model_layers(model)
+    for i, ((mname, mw), (fname, fw)) in enumerate(zip(expected, found)):
+        where = f"layer {i} '{mname}'" + ("" if fname == mname else f" (file layer '{fname}')")
+        if len(mw) != len(fw):
+            raise ContraRegInputError(f"{path}: {where}: expected {len(mw)} weights, found {len(fw)}")
+        for (wm, sm), (wf, sf) in zip(mw, fw):
+            if sm != sf:
+                raise ContraRegInputError(
+                    f"{path}: {where}: weight '{wm.split('/')[-1]}' expected shape {sm}, found {sf} — "
+                    "the file was written by a model of a different topology")
+    if len(found) != len(expected):
+        raise ContraRegInputError(f"{path}: file has {len(found)} layers with weights, model "
+                                  f"'{model.name}' has {len(expected)} — different topology")
+
+
+def save_autoencoder(model, path):
+    """Save the weights to ``path`` (``.h5``/``.hdf5``, Keras HDF5 weights format)."""
+    path = os.fspath(path)
+    if not path.endswith((".h5", ".hdf5")):
+        raise ContraRegInputError(f"{path}: autoencoder weights must be saved as .h5 / .hdf5")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    model.save_weights(path)
+    return path
+
+
+def load_autoencoder_weights(model, path):
+    """Check the file against ``model`` (``check_weights_file``), then load it. Returns the model."""
+    check_weights_file(model, path)
+    model.load_weights(os.fspath(path))
+    return model
+
+
+def load_autoencoder(path, ndim, filters=PAPER.ae_filters, nb_features=PAPER.ae_nb_feature_layers, name="ae",
+                     inshape=None, frozen=False):
+    """Build an autoencoder of the given topology and load ``path`` into it (checked)."""
+    model = load_autoencoder_weights(build_autoencoder(ndim, filters, nb_features, name=name, inshape=inshape),
+                                     path)
+    return freeze(model) if frozen else model

@@ -1,0 +1,55 @@
+"""Pure (weight-free) Keras layers used by the networks: FiLM modulation and unit-sphere projection.
+
+* ``FiLM``: feature-wise linear modulation (Perez et al. 2018) as used by ContraReg's hypernetwork
+  (paper §2, after Mok & Chung 2021): ``out = (1 + γ) · x + β`` with per-sample, per-channel γ, β
+  broadcast over space. γ, β come from a separate ``Dense(2C)`` projection (see ``hyper.py``); this
+  layer only applies them, so it can be tested against numpy in isolation.
+* ``L2Normalize``: ``x / (‖x‖₂ + eps)`` along the last axis — CUT's ``Normalize(2)`` that puts the
+  PatchNCE projection-head outputs on the unit hypersphere (paper §2, REFERENCE §2).
+"""
+import tensorflow as tf
+
+from ..errors import ContraRegInputError
+
+
+class FiLM(tf.keras.layers.Layer):
+    """Apply FiLM: inputs ``[x, gamma_beta]`` with x (B, *vol, C), gamma_beta (B, 2C) = concat(γ, β).
+
+    Returns ``(1 + γ) · x + β`` (γ, β reshaped to (B, 1, ..., 1, C)). The ``1 +`` makes γ = β = 0 the
+    identity, so a zero projection leaves the unconditioned network unchanged.
+    """
+
+    def build(self, input_shape):
+        x_shape, gb_shape = input_shape
+        if len(gb_shape) != 2:
+            raise ContraRegInputError(f"{self.name}: gamma_beta must have shape (B, 2C), got {tuple(gb_shape)}")
+        if gb_shape[-1] is not None and x_shape[-1] is not None and gb_shape[-1] != 2 * x_shape[-1]:
+            raise ContraRegInputError(
+                f"{self.name}: gamma_beta has {gb_shape[-1]} channels, expected 2 x {x_shape[-1]} = {2 * x_shape[-1]}")
+        super().build(input_shape)
+
+    def call(self, inputs):
+        x, gamma_beta = inputs
+        gamma, beta = tf.split(gamma_beta, 2, axis=-1)
+        bshape = tf.concat([tf.shape(gamma)[:1], tf.ones([tf.rank(x) - 2], tf.int32), tf.shape(gamma)[-1:]], 0)
+        gamma = tf.reshape(gamma, bshape)
+        beta = tf.reshape(beta, bshape)
+        return (1.0 + gamma) * x + beta
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
+
+
+class L2Normalize(tf.keras.layers.Layer):
+    """``x / (‖x‖₂ + eps)`` over the last axis (CUT's Normalize; eps added to the norm, not under the root)."""
+
+    def __init__(self, eps=1e-7, **kwargs):
+        super().__init__(**kwargs)
+        self.eps = float(eps)
+
+    def call(self, x):
+        norm = tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True))
+        return x / (norm + self.eps)
+
+    def get_config(self):
+        return {**super().get_config(), "eps": self.eps}

@@ -1,0 +1,502 @@
+"""MASR-Net and the Deep Neighbourhood Self-similarity (DNS) descriptor (DNS paper, seed 002, §3.2–3.3;
+REFERENCE.md §5), plus its anatomy-aware contrastive training (``train_masr``).
+
+Architecture (``build_masr``), image (B, *vol, 1) → descriptor D (B, *vol, C_d), 2-D and 3-D:
+
+* **Feature extractor** (§3.2 "Feature extraction", supp. Fig. 5): 4-level encoder–decoder with skips,
+  Conv(3^n)–LeakyReLU(0.2) blocks (``nb_conv_per_level`` per level), **BlurPool** down-sampling (binomial
+  [1,2,1]^n low-pass, reflect padding, then stride 2; Zhang 2019) and (bi/tri)linear ×2 up-sampling
+  (half-pixel centres, edge clamp), max stride 8; a linear Conv(3^n) gives the feature map h with C_h
+  channels. *Assumptions* (the paper's Fig. 5 is not in our copy): widths 8-16-32-64 and C_h = 4 (an
+  unofficial reproduction's choice), two convs per level.
+* **DNS** (Eq. 1, ``dns_layout``): for a layout of radius r, the pairs (a, b) of the 2n-neighbourhood
+  {±r·e_k} that are √2·r apart (no centre, opposite points excluded): 12 pairs in 3-D (6-NH), 4 in 2-D
+  (our 2-D choice: the 4-NH, i.e. the same rule "pairs of the axis neighbourhood at distance √2·r").
+  Per channel c: d_p = (h_c(x + a_p) − h_c(x + b_p))², σ² = mean_p d_p (the noise estimate),
+  S_p = exp(−d_p / σ²). Two layouts: direct (r = 1) and dilated (r = ``dilation``, 2 is an *assumption*,
+  the paper does not state it) → 24 (3-D) or 8 (2-D) similarities per channel.
+* **Feature squeezing** (§3.2, supp. Fig. 6): a linear 1×1 conv over the flattened (C_h × 24) DNS map
+  to 24 channels (h^c), then Conv(3^n)–LeakyReLU–Conv(3^n) to C_d = 24, L2-normalised per voxel.
+
+Documented conventions:
+
+* Shifts h(x + o) use **replicate** (edge) padding: at the border the nearest in-image voxel is read.
+* σ² is clamped to [1e-3, 1e3] × its per-sample, per-channel spatial mean (the MIND-SSC clamp, same as
+  ``losses/mind.py``), then floored at 1e-12; flat regions would otherwise give 0/0 or amplify noise.
+* Pair order: combinations (i < j) of the neighbour list [+r·e_0, −r·e_0, +r·e_1, −r·e_1, (+r·e_2, −r·e_2)]
+  skipping same-axis pairs (see ``layout_pairs``). DNS map channel index = c · P + p (channel-major).
+* Spatial sizes must be divisible by 8 (three BlurPool levels).
+
+Training (§3.3, ``train_masr``): an augmented copy I' = B(I) or B(1 − I) (stochastic monotone Bézier
+curve with 3 random control points, inversion with p = 0.5; ``data.augment.bezier_intensity``), N = 8196
+foreground locations sampled per step, InfoNCE (Eq. 4) between D(I) and D(I') at those locations with
+τ = 0.07 (``contrastive_loss``), Adam 1e-4, batch 1; T1w and T2w images both serve as training images.
+"""
+import itertools
+import json
+import os
+import time
+import types
+
+import numpy as np
+import tensorflow as tf
+
+from ..errors import ContraRegInputError
+
+# DNS paper §4.2 "Implementation" (not in config.PAPER, which holds ContraReg's defaults).
+DNS_WIDTHS = (8, 16, 32, 64)      # assumption (unofficial reproduction)
+DNS_FEAT_CHANNELS = 4             # C_h, assumption
+DNS_DILATION = 2                  # radius of the dilated layout, assumption
+DNS_DESC_CHANNELS = 24            # C_d (paper)
+SQUEEZE_CHANNELS = 24             # h^c channels of the linear squeeze (paper)
+DNS_NUM_SAMPLES = 8196            # N^k (paper)
+DNS_TAU = 0.07                    # τ (paper)
+DNS_LR = 1e-4                     # Adam learning rate (paper)
+DNS_INVERT_PROB = 0.5             # δ (paper)
+DNS_BEZIER_POINTS = 3             # n random control points (paper)
+VAR_CLAMP = (1e-3, 1e3)
+_EPS = 1e-12
+_STRIDE = 8
+_CONFIG_ATTR = "masr_config"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pure functions
+# --------------------------------------------------------------------------------------------------------------
+def layout_pairs(ndim, radius=1):
+    """Offset pairs (a, b) of the axis neighbourhood {±r·e_k} that are √2·r apart: 12 (3-D), 4 (2-D)."""
+    if ndim not in (2, 3):
+        raise ContraRegInputError(f"ndim must be 2 or 3, got {ndim}")
+    nbrs = []
+    for k in range(ndim):
+        for s in (1, -1):
+            o = [0] * ndim
+            o[k] = s * int(radius)
+            nbrs.append((k, tuple(o)))
+    return [(a, b) for (ka, a), (kb, b) in itertools.combinations(nbrs, 2) if ka != kb]
+
+
+def _edge_pad(x, r, ndim):
+    """Replicate-pad the ndim spatial axes of (B, *vol, C) by r on each side."""
+    for ax in range(1, ndim + 1):
+        n = tf.shape(x)[ax]
+        idx = tf.clip_by_value(tf.range(-r, n + r), 0, n - 1)
+        x = tf.gather(x, idx, axis=ax)
+    return x
+
+
+def _shift(xp, offset, r, shape):
+    """xp = edge-padded by r; returns x(· + offset) with the unpadded spatial ``shape``."""
+    begin = [0] + [r + o for o in offset] + [0]
+    size = tf.concat([[-1], shape, [-1]], axis=0)
+    return tf.slice(xp, begin, size)
+
+
+def dns_layout(features, radius=1):
+    """Deep neighbourhood self-similarity (Eq. 1) of one layout of radius ``radius``.
+
+    features: (B, *vol, C) → (B, *vol, C, P), P = 12 (3-D) or 4 (2-D): S_p = exp(−d_p / σ²) with
+    d_p = (h(x + a_p) − h(x + b_p))² per channel, σ² = mean_p d_p clamped (module docstring)."""
+    h = tf.convert_to_tensor(features)
+    if h.dtype != tf.float32 and h.dtype != tf.float64:
+        h = tf.cast(h, tf.float32)
+    ndim = len(h.shape) - 2
+    if ndim not in (2, 3):
+        raise ContraRegInputError(f"dns_layout: features must be (B, *vol, C) with 2 or 3 spatial dims, "
+                                  f"got shape {tuple(h.shape)}")
+    r = int(radius)
+    if r < 1:
+        raise ContraRegInputError(f"dns_layout: radius must be >= 1, got {radius}")
+    shape = tf.shape(h)[1:-1]
+    hp = _edge_pad(h, r, ndim)
+    d = []
+    for a, b in layout_pairs(ndim, r):
+        d.append(tf.square(_shift(hp, a, r, shape) - _shift(hp, b, r, shape)))
+    d = tf.stack(d, axis=-1)                                        # (B, *vol, C, P)
+    var = tf.reduce_mean(d, axis=-1, keepdims=True)                 # (B, *vol, C, 1)
+    gmean = tf.reduce_mean(var, axis=list(range(1, ndim + 1)), keepdims=True)
+    var = tf.clip_by_value(var, VAR_CLAMP[0] * gmean, VAR_CLAMP[1] * gmean)
+    var = tf.maximum(var, _EPS)
+    return tf.exp(-d / var)
+
+
+def blur_pool(x):
+    """BlurPool (Zhang 2019): binomial [1,2,1]/4 low-pass along every spatial axis (reflect padding by 1),
+    then stride 2. (B, *vol, C) → (B, *ceil(vol/2), C)."""
+    ndim = len(x.shape) - 2
+    x = tf.pad(x, [[0, 0]] + [[1, 1]] * ndim + [[0, 0]], mode="REFLECT")
+    for ax in range(1, ndim + 1):
+        n = tf.shape(x)[ax]
+        a = _slice_axis(x, ax, 0, n - 2, ndim)
+        b = _slice_axis(x, ax, 1, n - 1, ndim)
+        c = _slice_axis(x, ax, 2, n, ndim)
+        x = 0.25 * a + 0.5 * b + 0.25 * c                            # [1,2,1]/4, length n - 2
+        x = _slice_axis(x, ax, 0, n - 2, ndim, stride=2)
+    return x
+
+
+def _slice_axis(x, ax, start, stop, ndim, stride=1):
+    idx = [slice(None)] * (ndim + 2)
+    idx[ax] = slice(start, stop, stride)
+    return x[tuple(idx)]
+
+
+def upsample_linear(x):
+    """×2 (bi/tri)linear up-sampling with half-pixel centres and edge clamp (= ``tf.image.resize``
+    bilinear / PyTorch ``align_corners=False``), separable along each spatial axis."""
+    ndim = len(x.shape) - 2
+    for ax in range(1, ndim + 1):
+        n = tf.shape(x)[ax]
+        prev = tf.gather(x, tf.maximum(tf.range(n) - 1, 0), axis=ax)
+        nxt = tf.gather(x, tf.minimum(tf.range(n) + 1, n - 1), axis=ax)
+        even = 0.75 * x + 0.25 * prev
+        odd = 0.75 * x + 0.25 * nxt
+        y = tf.stack([even, odd], axis=ax + 1)                      # (..., n, 2, ...)
+        shp = tf.shape(x)
+        new = tf.concat([shp[:ax], [2 * n], shp[ax + 1:]], axis=0)
+        x = tf.reshape(y, new)
+    return x
+
+
+def l2_normalize(x, eps=1e-12):
+    """Per-voxel L2 normalisation over the channel axis."""
+    return x * tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True), eps))
+
+
+def contrastive_loss(d, d_aug, tau=DNS_TAU):
+    """Anatomy-aware InfoNCE (Eq. 4) on sampled vectors d, d_aug: (N, C) (row i of both = same location).
+
+    ℓ_i = −log[ exp(d_i·d'_i/τ) / Σ_j exp(d_i·d'_j/τ) ] after L2-normalising both; returns mean_i ℓ_i
+    (a scalar; the paper does not say sum or mean: the mean keeps the scale independent of N)."""
+    d = l2_normalize(tf.convert_to_tensor(d))
+    d_aug = l2_normalize(tf.convert_to_tensor(d_aug))
+    logits = tf.matmul(d, d_aug, transpose_b=True) / tau
+    labels = tf.range(tf.shape(d)[0])
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------------------------
+class BlurPool(tf.keras.layers.Layer):
+    """Keras wrapper of ``blur_pool``."""
+
+    def call(self, x):
+        return blur_pool(x)
+
+
+class LinearUpsample(tf.keras.layers.Layer):
+    """Keras wrapper of ``upsample_linear`` (×2)."""
+
+    def call(self, x):
+        return upsample_linear(x)
+
+
+class DNSLayer(tf.keras.layers.Layer):
+    """Dual-layout DNS: concat of ``dns_layout`` at each radius, flattened channel-major to
+    (B, *vol, C·P·len(radii))."""
+
+    def __init__(self, radii=(1, DNS_DILATION), **kwargs):
+        super().__init__(**kwargs)
+        self.radii = tuple(int(r) for r in radii)
+
+    def call(self, h):
+        s = tf.concat([dns_layout(h, r) for r in self.radii], axis=-1)   # (B, *vol, C, 2P)
+        shp = tf.shape(s)
+        return tf.reshape(s, tf.concat([shp[:-2], [shp[-2] * shp[-1]]], axis=0))
+
+    def get_config(self):
+        return {**super().get_config(), "radii": self.radii}
+
+
+class L2Normalize(tf.keras.layers.Layer):
+    def call(self, x):
+        return l2_normalize(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# network
+# --------------------------------------------------------------------------------------------------------------
+def _conv(x, nf, ndim, name, ksize=3, act=True):
+    conv = getattr(tf.keras.layers, f"Conv{ndim}D")
+    x = conv(nf, ksize, padding="same", kernel_initializer="he_normal", name=name)(x)
+    return tf.keras.layers.LeakyReLU(0.2, name=name + "_act")(x) if act else x
+
+
+def _conv_block(x, nf, ndim, nb_conv, name):
+    for i in range(nb_conv):
+        x = _conv(x, nf, ndim, f"{name}_conv{i}")
+    return x
+
+
+def masr_config(ndim, widths=DNS_WIDTHS, feat_channels=DNS_FEAT_CHANNELS, dilation=DNS_DILATION,
+                desc_channels=DNS_DESC_CHANNELS, nb_conv_per_level=2):
+    """The build arguments of ``build_masr`` as a JSON-able dict (stored inside saved weights)."""
+    return dict(ndim=int(ndim), widths=[int(w) for w in widths], feat_channels=int(feat_channels),
+                dilation=int(dilation), desc_channels=int(desc_channels),
+                nb_conv_per_level=int(nb_conv_per_level))
+
+
+def build_masr(ndim, widths=DNS_WIDTHS, feat_channels=DNS_FEAT_CHANNELS, dilation=DNS_DILATION,
+               desc_channels=DNS_DESC_CHANNELS, nb_conv_per_level=2, name="masr"):
+    """MASR-Net: image (B, *vol, 1) → L2-normalised descriptor (B, *vol, desc_channels); any spatial size
+    divisible by 8. ``model.references``: ``features`` (h), ``dns`` (h^s), ``squeezed`` (h^c), ``descriptor``;
+    ``model.masr_config``: the build arguments."""
+    if ndim not in (2, 3):
+        raise ContraRegInputError(f"build_masr: ndim must be 2 or 3, got {ndim}")
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 4 or min(widths) < 1:
+        raise ContraRegInputError(f"build_masr: widths must be 4 positive ints (4 levels), got {widths}")
+    if int(dilation) < 1 or int(feat_channels) < 1 or int(desc_channels) < 1:
+        raise ContraRegInputError("build_masr: dilation, feat_channels and desc_channels must be >= 1")
+    cfg = masr_config(ndim, widths, feat_channels, dilation, desc_channels, nb_conv_per_level)
+    inp = tf.keras.Input(shape=(None,) * ndim + (1,), name=f"{name}_image")
+
+    # encoder: levels at stride 1, 2, 4, 8
+    skips = []
+    x = inp
+    for lvl, nf in enumerate(widths):
+        if lvl > 0:
+            x = BlurPool(name=f"{name}_blurpool{lvl}")(x)
+        x = _conv_block(x, nf, ndim, nb_conv_per_level, f"{name}_enc{lvl}")
+        skips.append(x)
+    # decoder
+    for lvl in range(len(widths) - 2, -1, -1):
+        x = LinearUpsample(name=f"{name}_up{lvl}")(x)
+        x = tf.keras.layers.Concatenate(name=f"{name}_cat{lvl}")([x, skips[lvl]])
+        x = _conv_block(x, widths[lvl], ndim, nb_conv_per_level, f"{name}_dec{lvl}")
+    feats = _conv(x, feat_channels, ndim, f"{name}_features", act=False)
+
+    # DNS + feature squeezing
+    dns = DNSLayer(radii=(1, dilation), name=f"{name}_dns")(feats)
+    squeezed = _conv(dns, SQUEEZE_CHANNELS, ndim, f"{name}_squeeze", ksize=1, act=False)
+    y = _conv(squeezed, SQUEEZE_CHANNELS, ndim, f"{name}_head0")
+    y = _conv(y, desc_channels, ndim, f"{name}_head1", act=False)
+    desc = L2Normalize(name=f"{name}_descriptor")(y)
+
+    model = tf.keras.Model(inp, desc, name=name)
+    model.references = types.SimpleNamespace(features=feats, dns=dns, squeezed=squeezed, descriptor=desc)
+    model.masr_config = cfg
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input checks, convenience, save / load
+# --------------------------------------------------------------------------------------------------------------
+def check_image(image, ndim=None, name="image"):
+    """(B, *vol, 1) float32 tensor, finite, spatial sizes divisible by 8, else ContraRegInputError.
+    Also accepts an unbatched (*vol,) or (*vol, 1) array when ``ndim`` is given."""
+    x = np.asarray(image) if not tf.is_tensor(image) else image
+    shape = tuple(x.shape)
+    if ndim is not None and len(shape) in (ndim, ndim + 1) and (len(shape) == ndim or shape[-1] == 1):
+        x = tf.reshape(tf.cast(x, tf.float32), (1,) + shape[:ndim] + (1,))
+        shape = tuple(x.shape)
+    if len(shape) not in (4, 5) or shape[-1] != 1:
+        raise ContraRegInputError(f"{name}: expected (B, *vol, 1) with 2 or 3 spatial dims, got shape {shape}")
+    if ndim is not None and len(shape) - 2 != ndim:
+        raise ContraRegInputError(f"{name}: model is {ndim}-D but the image has {len(shape) - 2} spatial dims "
+                                  f"(shape {shape})")
+    bad = [s for s in shape[1:-1] if s is not None and s % _STRIDE]
+    if bad:
+        raise ContraRegInputError(f"{name}: spatial sizes {shape[1:-1]} must be divisible by {_STRIDE} "
+                                  "(MASR-Net has three BlurPool levels)")
+    x = tf.cast(x, tf.float32)
+    if not tf.executing_eagerly():
+        return x
+    if not bool(tf.reduce_all(tf.math.is_finite(x))):
+        raise ContraRegInputError(f"{name}: contains NaN/Inf values")
+    return x
+
+
+def dns_features(image, model):
+    """Descriptor D = model(image), after the input checks: (B, *vol, 1) → (B, *vol, C_d) tensor."""
+    ndim = len(model.inputs[0].shape) - 2
+    return model(check_image(image, ndim), training=False)
+
+
+def save_masr(model, path, card=None):
+    """Save weights to ``path`` (.h5) with the build config as an HDF5 attribute; ``card`` (dict) is also
+    written as ``<path without .h5>.json``."""
+    import h5py
+
+    path = os.fspath(path)
+    if not path.endswith(".h5"):
+        raise ContraRegInputError(f"{path}: MASR-Net weights must be saved as .h5")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.h5"
+    model.save_weights(tmp, save_format="h5")
+    with h5py.File(tmp, "a") as f:
+        f.attrs[_CONFIG_ATTR] = json.dumps(model.masr_config)
+    os.replace(tmp, path)
+    if card is not None:
+        with open(path[:-3] + ".json", "w") as f:
+            json.dump(card, f, indent=2)
+    return path
+
+
+def _h5_weights(path):
+    """{layer name: [weight shapes]} and the stored config (or None) of a Keras .h5 weights file."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ContraRegInputError(f"{path}: not a readable HDF5 weights file ({e})") from None
+    with f:
+        cfg = f.attrs.get(_CONFIG_ATTR)
+        cfg = json.loads(cfg) if cfg is not None else None
+        if "layer_names" not in f.attrs:
+            raise ContraRegInputError(f"{path}: not a Keras weights file (no 'layer_names')")
+        out = {}
+        for ln in f.attrs["layer_names"]:
+            ln = ln.decode() if isinstance(ln, bytes) else str(ln)
+            g = f[ln]
+            wn = [w.decode() if isinstance(w, bytes) else str(w) for w in g.attrs.get("weight_names", [])]
+            if wn:
+                out[ln] = [tuple(g[w].shape) for w in wn]
+    return out, cfg
+
+
+def load_masr(path, ndim=None, **build_kwargs):
+    """Build MASR-Net and load ``path`` (.h5 from ``save_masr``). The topology comes from the file's stored
+    config; any ``ndim`` / build argument given must agree with it. Files without a stored config are
+    built from the arguments. Any mismatch (dimensionality, layer names, weight shapes) raises
+    ContraRegInputError naming the file and the mismatch."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ContraRegInputError(f"{path}: MASR-Net weights file not found")
+    stored, cfg = _h5_weights(path)
+    if cfg is not None:
+        want = dict(build_kwargs, **({"ndim": ndim} if ndim is not None else {}))
+        for k, v in want.items():
+            if k not in cfg:
+                raise ContraRegInputError(f"{path}: unknown MASR-Net argument {k!r}")
+            v = [int(t) for t in v] if isinstance(v, (list, tuple)) else v
+            if v != cfg[k]:
+                raise ContraRegInputError(f"{path}: weights were built with {k}={cfg[k]} but {k}={v} "
+                                          "was requested")
+        build = {k: v for k, v in cfg.items()}
+    else:
+        if ndim is None:
+            raise ContraRegInputError(f"{path}: no stored MASR-Net config; pass ndim (and build arguments)")
+        build = masr_config(ndim, **build_kwargs)
+    model = build_masr(**build)
+    expected = {l.name: [tuple(w.shape) for w in l.weights] for l in model.layers if l.weights}
+    if set(expected) != set(stored):
+        missing = sorted(set(expected) - set(stored))
+        extra = sorted(set(stored) - set(expected))
+        raise ContraRegInputError(f"{path}: wrong topology for MASR-Net {build}: layers missing from file "
+                                  f"{missing[:4]}, unexpected layers in file {extra[:4]}")
+    for ln, shapes in expected.items():
+        if shapes != stored[ln]:
+            raise ContraRegInputError(f"{path}: wrong topology: layer {ln!r} has weight shapes {stored[ln]} "
+                                      f"in the file but the model expects {shapes}")
+    model.load_weights(path)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training (§3.3)
+# --------------------------------------------------------------------------------------------------------------
+def _bezier(x, rng):
+    from ..data.augment import bezier_intensity
+
+    return np.clip(np.asarray(bezier_intensity(x, rng, n_ctrl=DNS_BEZIER_POINTS,
+                                               invert_prob=DNS_INVERT_PROB), np.float32), 0.0, 1.0)
+
+
+def _random_crop(img, mask, crop, rng):
+    if crop is None:
+        return img, mask
+    crop = tuple(int(c) for c in crop)
+    if len(crop) != img.ndim or any(c > s for c, s in zip(crop, img.shape)):
+        raise ContraRegInputError(f"crop {crop} does not fit image shape {img.shape}")
+    start = [int(rng.integers(0, s - c + 1)) for s, c in zip(img.shape, crop)]
+    sl = tuple(slice(a, a + c) for a, c in zip(start, crop))
+    return img[sl], mask[sl]
+
+
+def train_masr(images, masks=None, iters=100, lr=DNS_LR, num_samples=DNS_NUM_SAMPLES, tau=DNS_TAU, seed=0,
+               crop=None, model=None, build_kwargs=None, progress=True, out=None, card=None):
+    """Anatomy-aware contrastive training of MASR-Net on single images (§3.3).
+
+    images: list of (*vol,) float arrays in [0, 1] (T1w and T2w alike); masks: matching foreground masks
+    (default: image > 0). Each step: one random image (optionally a random ``crop``), its Bézier-augmented
+    copy, ``num_samples`` foreground locations (without replacement; all of them if fewer), InfoNCE at τ.
+    Returns (model, history) with history = list of per-step losses. ``out`` (.h5): weights + JSON card."""
+    if not images:
+        raise ContraRegInputError("train_masr: no training images")
+    images = [np.asarray(im, np.float32) for im in images]
+    ndim = images[0].ndim
+    if ndim not in (2, 3) or any(im.ndim != ndim for im in images):
+        raise ContraRegInputError(f"train_masr: images must all be 2-D or all 3-D, got "
+                                  f"{sorted({im.ndim for im in images})}-D")
+    for i, im in enumerate(images):
+        if not np.isfinite(im).all():
+            raise ContraRegInputError(f"train_masr: image {i} contains NaN/Inf")
+        if im.min() < 0 or im.max() > 1:
+            raise ContraRegInputError(f"train_masr: image {i} intensities must lie in [0, 1] "
+                                      f"(got [{im.min():.3g}, {im.max():.3g}])")
+    masks = [im > 0 for im in images] if masks is None else [np.asarray(m) > 0 for m in masks]
+    if len(masks) != len(images):
+        raise ContraRegInputError(f"train_masr: {len(images)} images but {len(masks)} masks")
+    for i, (im, m) in enumerate(zip(images, masks)):
+        if m.shape != im.shape:
+            raise ContraRegInputError(f"train_masr: mask {i} shape {m.shape} != image shape {im.shape}")
+        if not m.any():
+            raise ContraRegInputError(f"train_masr: mask {i} is empty")
+    for im in images:
+        check_image(im[None, ..., None] if crop is None else np.zeros((1,) + tuple(crop) + (1,), np.float32),
+                    ndim, name="training image" if crop is None else "crop")
+
+    tf.random.set_seed(seed)
+    model = model if model is not None else build_masr(ndim, **(build_kwargs or {}))
+    opt = tf.keras.optimizers.Adam(lr)
+
+    @tf.function(reduce_retracing=True)
+    def step(x, x_aug, idx):
+        with tf.GradientTape() as tape:
+            d = model(tf.concat([x, x_aug], axis=0), training=True)
+            c = tf.shape(d)[-1]
+            flat = tf.reshape(d, [2, -1, c])
+            loss = contrastive_loss(tf.gather(flat[0], idx), tf.gather(flat[1], idx), tau)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    rng = np.random.default_rng(seed)
+    history = []
+    bar = range(iters)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc="MASR-Net", unit="it", dynamic_ncols=True)
+    t0 = time.time()
+    for it in bar:
+        k = int(rng.integers(len(images)))
+        img, m = _random_crop(images[k], masks[k], crop, rng)
+        if not m.any():
+            m = np.ones_like(m)
+        aug = _bezier(img, rng)
+        fg = np.flatnonzero(m.ravel())
+        idx = rng.choice(fg, size=min(num_samples, fg.size), replace=False).astype(np.int32)
+        loss = float(step(tf.constant(img[None, ..., None]), tf.constant(aug[None, ..., None]),
+                          tf.constant(idx)))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"train_masr: loss became {loss} at step {it}")
+        history.append(loss)
+        if progress:
+            bar.set_postfix(loss=f"{loss:.4f}")
+    elapsed = time.time() - t0
+    if out is not None:
+        tail = history[-min(len(history), 20):]
+        info = dict(model=model.masr_config, iterations=int(iters), lr=float(lr), num_samples=int(num_samples),
+                    tau=float(tau), seed=int(seed), crop=list(crop) if crop is not None else None,
+                    n_images=len(images), image_shape=list(images[0].shape),
+                    final_loss=history[-1] if history else None,
+                    final_loss_mean_last20=float(np.mean(tail)) if tail else None,
+                    first_loss=history[0] if history else None,
+                    train_seconds=round(elapsed, 1), tensorflow=tf.__version__)
+        info.update(card or {})
+        save_masr(model, out, card=info)
+    return model, history
