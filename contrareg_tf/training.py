@@ -288,17 +288,22 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
     return history
 
 
-def save_trained(out_dir, model, heads1=None, heads2=None):
-    """``model.h5`` (+ ``heads{1,2}.h5``), Keras ``save_weights`` format, written atomically."""
-    def _save(obj, name):
-        tmp = os.path.join(out_dir, name + ".tmp.h5")
-        obj.save_weights(tmp)
-        os.replace(tmp, os.path.join(out_dir, name))
+def _save_weights(obj, out_dir, name):
+    tmp = os.path.join(out_dir, name + ".tmp.h5")
+    obj.save_weights(tmp)
+    os.replace(tmp, os.path.join(out_dir, name))
 
-    _save(model, "model.h5")
+
+def save_trained_heads(out_dir, heads1=None, heads2=None):
     for name, hs in (("heads1.h5", heads1), ("heads2.h5", heads2)):
         if hs is not None:
-            _save(_heads_container(hs), name)
+            _save_weights(_heads_container(hs), out_dir, name)
+
+
+def save_trained(out_dir, model, heads1=None, heads2=None):
+    """``model.h5`` (+ ``heads{1,2}.h5``), Keras ``save_weights`` format, written atomically."""
+    _save_weights(model, out_dir, "model.h5")
+    save_trained_heads(out_dir, heads1, heads2)
 
 
 def _heads_container(heads):
@@ -397,3 +402,61 @@ def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, 
             "n_images": int(images.shape[0]), "image_shape": list(images.shape[1:]), "command": command}
     _write_json(os.path.splitext(out_path)[0] + ".json", card)
     return ae, history
+
+
+def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=1e-4, batch_size=None, resume=False,
+                       progress=True, command=None, lam_sp=0.1):
+    """SupPretrain (paper §3): A1, A2, F1, F2 trained jointly on aligned same-subject pairs with
+    λsp·d12(I1, I2) + Σ_i (L1 + NCC)(I_i, Î_i), λsp = 0.1. Writes ``ae_t1.h5``, ``ae_t2.h5``,
+    ``heads1.h5``, ``heads2.h5`` and ``card.json`` in ``out_dir``."""
+    from .losses.patchnce import PatchNCE
+    from .networks.autoencoder import build_autoencoder, feature_channels, save_autoencoder
+    from .networks.heads import build_heads
+
+    t1, t2 = np.asarray(arrays["t1"], np.float32), np.asarray(arrays["t2"], np.float32)
+    ndim = t1.ndim - 1
+    iters = int(iters or cfg.iters)
+    batch_size = int(batch_size or cfg.batch_size)
+    os.makedirs(out_dir, exist_ok=True)
+    ae1 = build_autoencoder(ndim, filters=cfg.ae_filters, nb_features=cfg.ae_nb_feature_layers, name="ae_t1")
+    ae2 = build_autoencoder(ndim, filters=cfg.ae_filters, nb_features=cfg.ae_nb_feature_layers, name="ae_t2")
+    chans = feature_channels(cfg.ae_filters, cfg.ae_nb_feature_layers)
+    heads1 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads1")
+    heads2 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads2")
+    d12 = PatchNCE(ae1, heads1, ae2, heads2, num_patches=cfg.num_patches, tau=cfg.nce_tau)
+    variables = (ae1.trainable_variables + ae2.trainable_variables
+                 + [v for h in heads1 + heads2 for v in h.trainable_variables])
+    opt = tf.keras.optimizers.Adam(lr)
+    opt.build(variables)
+    objs = {"ae1": ae1, "ae2": ae2, "optimizer": opt, "step": tf.Variable(0, dtype=tf.int64, trainable=False)}
+    objs.update({f"heads1_{k}": h for k, h in enumerate(heads1)})
+    objs.update({f"heads2_{k}": h for k, h in enumerate(heads2)})
+    ckpt = tf.train.Checkpoint(**objs)
+
+    @tf.function
+    def step(b):
+        with tf.GradientTape() as tape:
+            nce = tf.reduce_mean(d12.loss(b["x1"], b["x2"]))
+            rec = tf.reduce_mean(reconstruction_loss(b["x1"], ae1(b["x1"], training=True)[0], cfg.ae_ncc_win)
+                                 + reconstruction_loss(b["x2"], ae2(b["x2"], training=True)[0], cfg.ae_ncc_win))
+            loss = lam_sp * nce + rec
+        grads = tape.gradient(loss, variables)
+        opt.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        return {"loss": loss, "nce": nce, "rec": rec}
+
+    def batch_fn(i):
+        rng = _rng(cfg.seed, i, 2)
+        idx = rng.integers(0, t1.shape[0], batch_size)   # same subject: aligned T1w/T2w
+        tf.random.set_seed(cfg.seed * 1_000_003 + i)
+        return {"x1": t1[idx][..., None], "x2": t2[idx][..., None]}
+
+    t0 = time.time()
+    history = run_loop(step, batch_fn, ckpt, out_dir, iters, max(1, min(cfg.ckpt_every, iters)), None, resume,
+                       progress, desc="SupPretrain")
+    save_autoencoder(ae1, os.path.join(out_dir, "ae_t1.h5"))
+    save_autoencoder(ae2, os.path.join(out_dir, "ae_t2.h5"))
+    save_trained_heads(out_dir, heads1, heads2)
+    _write_json(os.path.join(out_dir, "card.json"), {
+        "what": "SupPretrain A1, A2, F1, F2", "lam_sp": lam_sp, "preset": cfg.name, "iters": iters, "lr": lr,
+        "final": history[-1] if history else None, "seconds": round(time.time() - t0, 1), "command": command})
+    return history

@@ -21,7 +21,6 @@ Model outputs ``[recon, f1, ..., f6]``. The loss module uses the 6 features of a
 import os
 
 import h5py
-import numpy as np
 import tensorflow as tf
 
 from ..config import PAPER

@@ -154,7 +154,7 @@ def upsample_linear(x):
         y = tf.stack([even, odd], axis=ax + 1)                      # (..., n, 2, ...)
         shp = tf.shape(x)
         new = tf.concat([shp[:ax], [2 * n], shp[ax + 1:]], axis=0)
-        x = tf.reshape(y, new)
+        x = tf.ensure_shape(tf.reshape(y, new), [None] * (ndim + 1) + [x.shape[-1]])
     return x
 
 
@@ -203,7 +203,8 @@ class DNSLayer(tf.keras.layers.Layer):
     def call(self, h):
         s = tf.concat([dns_layout(h, r) for r in self.radii], axis=-1)   # (B, *vol, C, 2P)
         shp = tf.shape(s)
-        return tf.reshape(s, tf.concat([shp[:-2], [shp[-2] * shp[-1]]], axis=0))
+        out = tf.reshape(s, tf.concat([shp[:-2], [shp[-2] * shp[-1]]], axis=0))
+        return tf.ensure_shape(out, h.shape[:-1] + [h.shape[-1] * s.shape[-1]])
 
     def get_config(self):
         return {**super().get_config(), "radii": self.radii}
@@ -314,6 +315,15 @@ def dns_features(image, model):
     return model(check_image(image, ndim), training=False)
 
 
+def get_config(model):
+    """The build arguments of a ``build_masr`` model as a plain dict (Keras wraps dict attributes)."""
+    cfg = getattr(model, "masr_config", None)
+    if cfg is None:
+        raise ContraRegInputError(f"model {model.name!r} is not a MASR-Net (no masr_config)")
+    return {k: (list(v) if isinstance(v, (list, tuple)) or hasattr(v, "__len__") and not isinstance(v, str)
+                else v) for k, v in dict(cfg).items()}
+
+
 def save_masr(model, path, card=None):
     """Save weights to ``path`` (.h5) with the build config as an HDF5 attribute; ``card`` (dict) is also
     written as ``<path without .h5>.json``."""
@@ -326,7 +336,7 @@ def save_masr(model, path, card=None):
     tmp = path + ".tmp.h5"
     model.save_weights(tmp, save_format="h5")
     with h5py.File(tmp, "a") as f:
-        f.attrs[_CONFIG_ATTR] = json.dumps(model.masr_config)
+        f.attrs[_CONFIG_ATTR] = json.dumps(get_config(model))
     os.replace(tmp, path)
     if card is not None:
         with open(path[:-3] + ".json", "w") as f:
@@ -490,7 +500,7 @@ def train_masr(images, masks=None, iters=100, lr=DNS_LR, num_samples=DNS_NUM_SAM
     elapsed = time.time() - t0
     if out is not None:
         tail = history[-min(len(history), 20):]
-        info = dict(model=model.masr_config, iterations=int(iters), lr=float(lr), num_samples=int(num_samples),
+        info = dict(model=get_config(model), iterations=int(iters), lr=float(lr), num_samples=int(num_samples),
                     tau=float(tau), seed=int(seed), crop=list(crop) if crop is not None else None,
                     n_images=len(images), image_shape=list(images[0].shape),
                     final_loss=history[-1] if history else None,

@@ -1,0 +1,188 @@
+"""The paper's workflow glued end to end: data (built-in proxy or a real description) → autoencoders →
+λ-conditioned training per method → 17-λ evaluation → Table 1 / Fig. 3 / Fig. 2. The scripts in
+``train_scripts/`` and ``eval_scripts/`` are argument parsers over these functions.
+"""
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from .config import LAMBDAS_17, Config
+from .errors import ContraRegInputError
+
+MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------------------
+def resolve_data(cfg: Config, data=None, cache_dir=None):
+    """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in proxy at the config's
+    grid (built once, then reused from the cache)."""
+    from .data import dataset, proxy
+
+    if data is not None:
+        return dataset.load_description(data, seed=cfg.seed)
+    cache_dir = cache_dir or proxy.default_cache_dir()
+    tag = "x".join(map(str, cfg.inshape)) + f"_{cfg.spacing:g}mm_n{cfg.proxy_subjects}_d{cfg.proxy_max_disp:g}" \
+          f"_s{cfg.seed}"
+    return proxy.build_proxy(os.path.join(cache_dir, f"proxy_{tag}"), n_subjects=cfg.proxy_subjects,
+                             shape=tuple(cfg.inshape), spacing=cfg.spacing, seed=cfg.seed,
+                             max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape))
+
+
+def split_arrays(desc, split, cfg: Config):
+    """Stacks ``t1, t2, mask1, mask2, labels`` (N, *inshape) of one split, normalised to [0, 1] and
+    crop/padded to the config's grid."""
+    from .data.pairs import load_split_arrays
+
+    arr = load_split_arrays(desc, split, tuple(cfg.inshape), ndim=len(cfg.inshape))
+    if arr["t1"].shape[0] == 0:
+        raise ContraRegInputError(f"split {split!r} of {desc.source} has no subjects")
+    return arr
+
+
+def make_test_pairs(arrays, n_pairs=None, seed=0):
+    """Inter-subject test pairs: I1 = T1w of a, I2 = T2w of b ≠ a (all ordered pairs, or ``n_pairs`` of them
+    drawn deterministically)."""
+    n = arrays["t1"].shape[0]
+    if n < 2:
+        raise ContraRegInputError(f"need at least 2 test subjects for inter-subject pairs, got {n}")
+    idx = [(a, b) for a in range(n) for b in range(n) if a != b]
+    if n_pairs is not None and n_pairs < len(idx):
+        rng = np.random.default_rng(seed)
+        idx = [idx[i] for i in sorted(rng.choice(len(idx), n_pairs, replace=False))]
+    a, b = np.array([i for i, _ in idx]), np.array([j for _, j in idx])
+    return {"img1": arrays["t1"][a], "img2": arrays["t2"][b], "labels1": arrays["labels"][a],
+            "labels2": arrays["labels"][b], "target_t2": arrays["t2"][a], "ab": idx}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------------------
+def pretrain_autoencoder(cfg, modality, out, data=None, iters=None, lr=1e-4, batch_size=None, resume=False,
+                         progress=True, command=None):
+    """Train A1 (``t1``) or A2 (``t2``) on the training split; writes ``out`` (.h5) and its model card."""
+    from .training import train_autoencoder
+
+    desc = resolve_data(cfg, data)
+    arr = split_arrays(desc, "train", cfg)
+    ae, hist = train_autoencoder(cfg, arr[modality], out, modality=modality, iters=iters, lr=lr,
+                                 batch_size=batch_size, resume=resume, progress=progress, command=command)
+    _annotate_card(out, data=desc.source or "built-in proxy")
+    return ae, hist
+
+
+def _annotate_card(h5_path, **extra):
+    p = os.path.splitext(h5_path)[0] + ".json"
+    with open(p) as f:
+        card = json.load(f)
+    card.update(extra)
+    with open(p, "w") as f:
+        json.dump(card, f, indent=2, default=str)
+
+
+def sup_pretrain(cfg, out_dir, data=None, iters=None, lr=1e-4, batch_size=None, resume=False, progress=True,
+                 command=None):
+    """SupPretrain (paper §3): A1, A2, F1, F2 on aligned same-subject pairs with λsp·d12 + Σ(L1 + NCC)."""
+    from .training import train_sup_pretrain
+
+    desc = resolve_data(cfg, data)
+    arr = split_arrays(desc, "train", cfg)
+    return train_sup_pretrain(cfg, arr, out_dir, iters=iters, lr=lr, batch_size=batch_size, resume=resume,
+                              progress=progress, command=command)
+
+
+def train_method(cfg, loss, out, data=None, **kw):
+    """Train one λ-conditioned model (``train_hyper.py``)."""
+    from .training import train_hyper
+
+    desc = resolve_data(cfg, data)
+    arr = split_arrays(desc, "train", cfg)
+    return train_hyper(cfg, loss, out, {"t1": arr["t1"], "t2": arr["t2"], "mask1": arr["mask"],
+                                        "mask2": arr["mask"]}, **kw)
+
+
+def shipped_autoencoders(cfg):
+    """Paths of the autoencoders shipped in ``models/`` for this preset, or None."""
+    p1, p2 = (os.path.join(MODELS_DIR, f"ae_{m}_{cfg.name}.h5") for m in ("t1", "t2"))
+    return (p1, p2) if os.path.isfile(p1) and os.path.isfile(p2) else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluation
+# ------------------------------------------------------------------------------------------------------------
+def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budget=0.5, progress=True,
+                  lambdas=LAMBDAS_17):
+    """Evaluate each run over the 17 λ; write ``<method>.csv``, ``table1.md/csv``, ``fig3.png``,
+    ``fig2.png``; returns Table 1 as Markdown."""
+    from . import evaluation
+    from .training import load_trained
+
+    os.makedirs(out_dir, exist_ok=True)
+    results, examples, pairs, cfg0 = {}, {}, None, None
+    for run in run_dirs:
+        model, meta = load_trained(run)
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        if cfg0 is None:
+            cfg0 = cfg
+            desc = resolve_data(cfg, data)
+            pairs = make_test_pairs(split_arrays(desc, split, cfg), n_pairs, seed=cfg.seed)
+        elif tuple(cfg.inshape) != tuple(cfg0.inshape):
+            raise ContraRegInputError(f"{run}: grid {cfg.inshape} differs from {cfg0.inshape} of the first run")
+        method = meta["loss"]
+        name = method if method not in results else f"{method} ({os.path.basename(os.path.normpath(run))})"
+        rows = evaluation.evaluate_lambdas(model, pairs, lambdas=lambdas, progress=progress, desc=f"eval {name}")
+        evaluation.write_csv(rows, os.path.join(out_dir, f"{name.replace(' ', '_')}.csv"))
+        results[name] = rows
+        best = evaluation.select_lambda(rows, budget) or rows[0]
+        reg = evaluation.registration_model(model)
+        moved, _, _ = evaluation.register_batch(reg, pairs["img2"][:1, ..., None], pairs["img1"][:1, ..., None],
+                                                best["lambda"])
+        examples[f"{name} λ={best['lambda']:.3g}"] = dict(fixed=pairs["img1"][0], moving=pairs["img2"][0],
+                                                          moved=moved[0, ..., 0], target_t2=pairs["target_t2"][0])
+    before = evaluation.dice_before(pairs)
+    rows, md = evaluation.table1(results, budget, before=before)
+    with open(os.path.join(out_dir, "table1.md"), "w") as f:
+        f.write(md)
+    evaluation.write_csv(rows, os.path.join(out_dir, "table1.csv"),
+                         fields=("method", "lambda", "dice", "dice_std", "dice30", "folds", "sdlogj"))
+    evaluation.plot_fig3(results, os.path.join(out_dir, "fig3.png"), before=before, budget=budget)
+    evaluation.plot_examples(examples, os.path.join(out_dir, "fig2.png"))
+    return md
+
+
+def reproduce_table1(cfg, out_dir, methods=("mcr", "cr", "mi", "lmi", "mind", "ngf"), data=None, iters=None,
+                     ae_iters=None, ae1=None, ae2=None, n_pairs=None, resume=False, progress=True):
+    """The main job: proxy data → autoencoders (shipped, given, or trained) → one run per method → Table 1."""
+    from .losses.similarity import LOSS_NAMES, is_contrastive
+
+    for m in methods:
+        if m not in LOSS_NAMES:
+            raise ContraRegInputError(f"unknown method {m!r}; choose from {', '.join(LOSS_NAMES)}")
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    desc = resolve_data(cfg, data)
+    if any(is_contrastive(m) for m in methods) and (ae1 is None or ae2 is None):
+        shipped = None if data is not None else shipped_autoencoders(cfg)
+        if shipped:
+            ae1, ae2 = shipped
+        else:
+            ae1, ae2 = (os.path.join(out_dir, f"ae_{m}.h5") for m in ("t1", "t2"))
+            for mod, path in (("t1", ae1), ("t2", ae2)):
+                if not os.path.isfile(path):
+                    pretrain_autoencoder(cfg, mod, path, data=data, iters=ae_iters, progress=progress)
+    runs = []
+    for m in methods:
+        run = os.path.join(out_dir, m.replace("+", "_"))
+        runs.append(run)
+        if os.path.isfile(os.path.join(run, "model.h5")) and not resume:
+            continue  # already trained
+        train_method(cfg, m, run, data=data, ae1=ae1 if is_contrastive(m) else None,
+                     ae2=ae2 if is_contrastive(m) else None, iters=iters,
+                     resume=resume and os.path.isdir(os.path.join(run, "ckpt")), progress=progress)
+    md = evaluate_runs(runs, out_dir, data=data, n_pairs=n_pairs, progress=progress)
+    md += f"\n({len(desc.subjects)} subjects, preset {cfg.name}, total {time.time() - t0:.0f} s)\n"
+    return md

@@ -1,0 +1,380 @@
+"""Instance optimisation (IO) registration with structural descriptors (DNS paper, CVPR 2024, §3.4 and
+supplementary B.1 / Table 4; REFERENCE.md §5).
+
+    φ* = argmin_φ  −cos( ψ_σ(D_F), ψ_σ(D_M) ∘ φ ) + λ_reg · ‖∇u‖²,   φ(x) = x + u(x)
+
+* Descriptors D_F, D_M are computed **once** on the full-resolution images (MIND-SSC, MIND, DNS or the
+  ContraReg autoencoder features), Gaussian-smoothed (ψ_σ, σ = ``smooth_sigma`` full-res voxels, replicate
+  border) and resampled linearly (align-corners) to each pyramid level.
+* Pyramid (Table 4: 3 levels, half → full size): level k of L has shape round(N · s_k) with geometric scales
+  s_k = min_scale^((L−1−k)/(L−1)) = 1/2, 1/√2, 1 for L = 3 (``min_scale=0.5``).
+* Parameterisation (the paper leaves it open; our choice): a dense displacement (or, ``diffeomorphic=True``,
+  a stationary velocity field integrated by ``vxm.layers.VecInt`` scaling-and-squaring) held as a
+  ``tf.Variable`` in **normalised coordinates** ([-1, 1] spans each axis, PyTorch ``grid_sample`` /
+  LapIRN convention, as in the authors' PyTorch IO). This is the reading under which Table 4's learning rates
+  [1e-2, 5e-3, 3e-3] move the field by useful amounts in [100, 80, 50] Adam steps. Voxel displacement at a
+  level of shape n: u = u_norm · (n − 1) / 2; between levels the normalised field is upsampled linearly
+  (align-corners), which is the same as upsampling the voxel field and scaling it by (n_new−1)/(n_old−1).
+* Similarity: 1 − mean over voxels of the cosine of D_F and D_M∘φ (the negated cosine shifted by 1 so that
+  0 = perfect), D_M warped with ``vxm.layers.SpatialTransformer`` (linear, ij, border-clamped).
+  Regulariser: diffusion ‖∇u‖² = vxm ``Grad('l2')`` of the displacement **in voxels of the current level**
+  (a dimensionless strain, comparable across levels); weights [0.6, 0.5, 0.4].
+* A batch of B pairs is optimised jointly with the loss summed over the batch (Adam is element-wise, so
+  each pair follows the same path as alone). The inner Adam step is a ``tf.function``.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from .config import PAPER
+from .errors import ContraRegInputError
+
+IO_LEVELS = 3
+IO_LRS = (1e-2, 5e-3, 3e-3)          # DNS paper Table 4
+IO_ITERS = (100, 80, 50)
+IO_REG_WEIGHTS = (0.6, 0.5, 0.4)
+IO_SMOOTH_SIGMA = 1.0                 # ψ_σ in full-resolution voxels (σ is not stated in the paper)
+IO_MIN_SCALE = 0.5                    # coarsest level = half size (Table 4: N_min = (H/2, W/2, D/2))
+FEATURE_NAMES = ("mindssc", "mind", "dns", "ae")
+
+
+@dataclass
+class IOResult:
+    """Output of :func:`instance_optimise` (numpy, batch first)."""
+    disp: np.ndarray                      # (B, *vol, ndim) voxel units, ij: φ(x) = x + u(x)
+    moved: np.ndarray                     # (B, *vol, C) moving image warped by φ (linear)
+    inverse: Optional[np.ndarray] = None  # (B, *vol, ndim) displacement of φ⁻¹ (diffeomorphic only)
+    velocity: Optional[np.ndarray] = None  # (B, *vol, ndim) SVF in voxels (diffeomorphic only)
+    history: List[dict] = field(default_factory=list)  # per level: shape, lr, iters, loss/sim/reg arrays (B, it)
+    level_shapes: List[Tuple[int, ...]] = field(default_factory=list)
+    seconds: float = 0.0                  # optimisation wall time (features included)
+
+    @property
+    def final_similarity(self):
+        """(B,) similarity term (1 − mean cosine) after the last step."""
+        return self.history[-1]["sim"][:, -1] if self.history else None
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _as_batch(x, name, ndim=None):
+    x = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise ContraRegInputError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+    if x.ndim not in (4, 5):
+        raise ContraRegInputError(
+            f"{name}: expected shape (B, *vol, C) with 2 or 3 spatial axes, got {x.shape}")
+    if ndim is not None and x.ndim - 2 != ndim:
+        raise ContraRegInputError(f"{name}: {x.ndim - 2}-D, expected {ndim}-D like the fixed image")
+    if min(x.shape[1:-1]) < 4:
+        raise ContraRegInputError(f"{name}: every spatial axis needs >= 4 voxels, got {x.shape}")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ContraRegInputError(f"{name}: contains {int(np.size(x) - np.isfinite(x).sum())} NaN/Inf values")
+    return x
+
+
+def _per_level(v, levels, name, cast=float):
+    if np.isscalar(v):
+        return [cast(v)] * levels
+    v = list(v)
+    if len(v) != levels:
+        raise ContraRegInputError(f"{name}: expected {levels} values (one per level), got {len(v)}: {v}")
+    return [cast(x) for x in v]
+
+
+def level_shapes(shape, levels=IO_LEVELS, min_scale=IO_MIN_SCALE):
+    """Pyramid shapes, coarsest first: round(N · min_scale^((L−1−k)/(L−1))), k = 0..L−1 (last = N)."""
+    if levels < 1:
+        raise ContraRegInputError(f"levels must be >= 1, got {levels}")
+    if not 0 < min_scale <= 1:
+        raise ContraRegInputError(f"min_scale must be in (0, 1], got {min_scale}")
+    out = []
+    for k in range(levels):
+        s = 1.0 if levels == 1 else min_scale ** ((levels - 1 - k) / (levels - 1))
+        out.append(tuple(max(2, int(round(n * s))) for n in shape))
+    return out
+
+
+# ------------------------------------------------------------------------------------- resampling ops
+def _interp_matrix(n_out, n_in):
+    """(n_out, n_in) linear-interpolation weights, align-corners (end points map to end points)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    if n_in == 1:
+        m[:, 0] = 1.0
+        return m
+    pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
+    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    w = (pos - lo).astype(np.float32)
+    m[np.arange(n_out), lo] += 1 - w
+    m[np.arange(n_out), hi] += w
+    return m
+
+
+def resize_linear(x, out_shape):
+    """Separable (bi/tri)linear resize of (B, *vol, C) to (B, *out_shape, C), align-corners."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    ndim = x.shape.rank - 2
+    letters = "xyz"[:ndim]
+    for ax in range(ndim):
+        n_in, n_out = x.shape[ax + 1], int(out_shape[ax])
+        if n_in == n_out:
+            continue
+        m = tf.constant(_interp_matrix(n_out, n_in))
+        src = "b" + letters + "c"
+        dst = src.replace(letters[ax], "o")
+        x = tf.einsum(f"o{letters[ax]},{src}->{dst}", m, x)
+    return x
+
+
+def gaussian_smooth(x, sigma):
+    """Separable Gaussian filter (σ in voxels, truncated at 3σ, replicate border) of (B, *vol, C)."""
+    if sigma is None or sigma <= 0:
+        return tf.convert_to_tensor(x, tf.float32)
+    x = tf.convert_to_tensor(x, tf.float32)
+    ndim = x.shape.rank - 2
+    r = max(1, int(math.ceil(3 * sigma)))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    c = x.shape[-1]
+    for ax in range(ndim):
+        # pad one axis (replicate), then a depthwise 1-D conv along it: channels moved to the batch axis
+        n = tf.shape(x)[ax + 1]
+        x = tf.gather(x, tf.clip_by_value(tf.range(-r, n + r), 0, n - 1), axis=ax + 1)
+        shape = [1] * ndim
+        shape[ax] = 2 * r + 1
+        kern = tf.constant(k.reshape(shape + [1, 1]))
+        perm = [0, ndim + 1] + list(range(1, ndim + 1))
+        xc = tf.transpose(x, perm)                                 # (B, C, *vol)
+        sp = tf.shape(xc)
+        xc = tf.reshape(xc, tf.concat([[-1], sp[2:], [1]], 0))      # (B·C, *vol, 1)
+        xc = tf.nn.convolution(xc, kern, padding="VALID")
+        sp2 = tf.shape(xc)
+        xc = tf.reshape(xc, tf.concat([[sp[0], c], sp2[1:-1]], 0))
+        x = tf.transpose(xc, [0] + list(range(2, ndim + 2)) + [1])
+    return x
+
+
+def warp(image, disp, interp="linear"):
+    """Warp (B, *vol, C) by voxel displacements (B, *vol, ndim) with vxm ``SpatialTransformer`` (ij,
+    border-clamped); ``interp='nearest'`` for label maps (returned in the input dtype)."""
+    import voxelmorph as vxm
+
+    img = np.asarray(image)
+    dtype = img.dtype
+    out = vxm.layers.SpatialTransformer(interp_method=interp, indexing="ij", fill_value=None)(
+        [tf.cast(img, tf.float32), tf.convert_to_tensor(disp, tf.float32)]).numpy()
+    if not np.issubdtype(dtype, np.floating):
+        out = np.rint(out).astype(dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------- feature providers
+def _l2n(f):
+    return tf.math.l2_normalize(f, axis=-1, epsilon=1e-12)
+
+
+def ae_features(model, image, layers=None):
+    """ContraReg autoencoder features (outputs [recon, f1..f6]): each chosen layer (1-based, default all)
+    linearly upsampled to full resolution, L2-normalised per voxel across its channels, concatenated."""
+    outs = model(tf.convert_to_tensor(image, tf.float32), training=False)
+    if not isinstance(outs, (list, tuple)) or len(outs) < 2:
+        raise ContraRegInputError("autoencoder must output [recon, f1, ..., fk]")
+    feats = list(outs[1:])
+    idx = range(1, len(feats) + 1) if layers is None else layers
+    vol = tuple(image.shape[1:-1])
+    parts = []
+    for i in idx:
+        if not 1 <= i <= len(feats):
+            raise ContraRegInputError(f"autoencoder feature layer {i} out of range 1..{len(feats)}")
+        f = feats[i - 1]
+        if tuple(f.shape[1:-1]) != vol:
+            f = resize_linear(f, vol)
+        parts.append(_l2n(f))
+    return tf.concat(parts, axis=-1)
+
+
+def _load_model(obj, loader, what):
+    if isinstance(obj, (str, bytes)) or hasattr(obj, "__fspath__"):
+        return loader(obj)
+    if obj is None:
+        raise ContraRegInputError(f"features '{what}' need a model (path or Keras model)")
+    return obj
+
+
+def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None, moving_modality="t1",
+                     ae_layers=None, mind_distance=PAPER.mind_distance, mind_patch=PAPER.mind_patch):
+    """Return ``(f_fixed, f_moving)``, callables (B,*vol,1) → (B,*vol,C).
+
+    ``features``: 'mindssc' (dilation = mind_distance, radius = mind_patch // 2), 'mind', 'dns'
+    (``dns_model``: a MASR-Net Keras model or a path, via ``contrareg_tf.losses.dns.dns_features``), 'ae'
+    (``ae_models=(A1, A2)``: T1w and T2w autoencoders, models or .h5 paths; A1 is applied to the image whose
+    modality is T1w: the moving one when ``moving_modality='t1'``), a callable used for both images, or a
+    pair of callables (fixed, moving)."""
+    from .losses import mind as M
+
+    if isinstance(features, (tuple, list)) and len(features) == 2 and all(callable(f) for f in features):
+        return features[0], features[1]
+    if callable(features):
+        return features, features
+    if features == "mindssc":
+        f = lambda x: M.mind_ssc(x, mind_distance, mind_patch // 2)  # noqa: E731
+        return f, f
+    if features == "mind":
+        f = lambda x: M.mind(x, mind_distance, mind_patch)  # noqa: E731
+        return f, f
+    if features == "dns":
+        from .losses.dns import dns_features
+
+        def _load(p):
+            from .networks.masr import load_masr
+            return load_masr(p, ndim) if _accepts_ndim(load_masr) else load_masr(p)
+
+        model = _load_model(dns_model, _load, "dns")
+        f = lambda x: dns_features(x, model)  # noqa: E731
+        return f, f
+    if features == "ae":
+        if ae_models is None or len(ae_models) != 2:
+            raise ContraRegInputError("features 'ae' need two autoencoders (ae_models=(A1 T1w, A2 T2w))")
+        if moving_modality not in ("t1", "t2"):
+            raise ContraRegInputError(f"moving_modality must be 't1' or 't2', got {moving_modality!r}")
+
+        def _load(p):
+            from .networks.autoencoder import load_autoencoder
+            return load_autoencoder(p, ndim)
+
+        a1, a2 = (_load_model(m, _load, "ae") for m in ae_models)
+        am, af = (a1, a2) if moving_modality == "t1" else (a2, a1)
+        return (lambda x: ae_features(af, x, ae_layers)), (lambda x: ae_features(am, x, ae_layers))
+    raise ContraRegInputError(f"unknown features {features!r}; choose one of {', '.join(FEATURE_NAMES)} "
+                              f"or pass a callable")
+
+
+def _accepts_ndim(fn):
+    import inspect
+
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False
+
+
+# -------------------------------------------------------------------------------------------- core
+def _cosine_dissimilarity(a, b):
+    """Per-sample 1 − mean_x cos(a(x), b(x)) for (B, *vol, C)."""
+    cos = tf.reduce_sum(_l2n(a) * _l2n(b), axis=-1)
+    return 1.0 - tf.reduce_mean(tf.reshape(cos, [tf.shape(cos)[0], -1]), axis=-1)
+
+
+def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=IO_LRS, iters=IO_ITERS,
+                      reg_weights=IO_REG_WEIGHTS, smooth_sigma=IO_SMOOTH_SIGMA, diffeomorphic=False,
+                      int_steps=7, min_scale=IO_MIN_SCALE, progress=True, **feature_kwargs) -> IOResult:
+    """Register ``moving`` onto ``fixed`` (both (B, *vol, 1), 2-D or 3-D, intensities ~[0, 1]) by
+    pyramid Adam instance optimisation of −cos(D_F, D_M∘φ) + w·‖∇u‖² (module docstring).
+
+    ``lrs``, ``iters``, ``reg_weights``: one value per level (scalars broadcast), coarsest first.
+    ``feature_kwargs`` go to :func:`feature_provider` (dns_model, ae_models, moving_modality, ae_layers,
+    mind_distance, mind_patch). ``progress``: tqdm bar. Returns :class:`IOResult`."""
+    import voxelmorph as vxm
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    fx = _as_batch(fixed, "fixed")
+    ndim = fx.ndim - 2
+    mv = _as_batch(moving, "moving", ndim)
+    if fx.shape[:-1] != mv.shape[:-1]:
+        raise ContraRegInputError(f"shape mismatch: fixed {fx.shape} vs moving {mv.shape} (B, *vol, C)")
+    levels = int(levels)
+    lrs = _per_level(lrs, levels, "lrs")
+    iters = _per_level(iters, levels, "iters", int)
+    regw = _per_level(reg_weights, levels, "reg_weights")
+    if any(i < 0 for i in iters) or any(lr <= 0 for lr in lrs) or any(w < 0 for w in regw):
+        raise ContraRegInputError(f"need lrs > 0, iters >= 0, reg_weights >= 0; got {lrs}, {iters}, {regw}")
+    vol = fx.shape[1:-1]
+    shapes = level_shapes(vol, levels, min_scale)
+
+    f_fix, f_mov = feature_provider(features, ndim=ndim, **feature_kwargs)
+    df = gaussian_smooth(f_fix(fx), smooth_sigma)
+    dm = gaussian_smooth(f_mov(mv), smooth_sigma)
+    if df.shape != dm.shape or df.shape[:-1] != fx.shape[:-1]:
+        raise ContraRegInputError(f"feature maps must be (B, *vol, C) and equal: got {df.shape}, {dm.shape}")
+    if not (np.all(np.isfinite(df.numpy())) and np.all(np.isfinite(dm.numpy()))):
+        raise ContraRegInputError("feature maps contain NaN/Inf")
+
+    def transformer_():  # a fresh layer per grid: vxm's SpatialTransformer fixes its shape when built
+        return vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij", fill_value=None)
+
+    grad = vxm.losses.Grad("l2")
+    bsz = fx.shape[0]
+    param = tf.zeros((bsz, *shapes[0], ndim), tf.float32)
+    history = []
+    bar = tqdm(total=sum(iters), disable=not progress, desc="IO", leave=False)
+    for lvl, shape in enumerate(shapes):
+        if tuple(param.shape[1:-1]) != shape:
+            param = resize_linear(param, shape)
+        ff = resize_linear(df, shape)
+        fm = resize_linear(dm, shape)
+        scale = tf.constant([(n - 1) / 2.0 for n in shape], tf.float32)
+        integrate = vxm.layers.VecInt(method="ss", int_steps=int_steps, indexing="ij") if diffeomorphic else None
+        var = tf.Variable(param, trainable=True, name=f"io_level{lvl}")
+        opt = tf.keras.optimizers.Adam(learning_rate=lrs[lvl])
+        opt.build([var])
+        w = tf.constant(regw[lvl], tf.float32)
+        transformer = transformer_()
+
+        def to_disp(p, integrate=integrate, scale=scale):
+            u = p * scale
+            return integrate(u) if integrate is not None else u
+
+        @tf.function
+        def step(var=var, opt=opt, ff=ff, fm=fm, w=w, to_disp=to_disp, transformer=transformer):
+            with tf.GradientTape() as tape:
+                u = to_disp(var)
+                sim = _cosine_dissimilarity(ff, transformer([fm, u]))
+                reg = grad.loss(None, u)
+                loss = sim + w * reg
+                total = tf.reduce_sum(loss)
+            opt.apply_gradients([(tape.gradient(total, var), var)])
+            return loss, sim, reg
+
+        rec = {"loss": [], "sim": [], "reg": []}
+        for _ in range(iters[lvl]):
+            loss, sim, reg = step()
+            rec["loss"].append(loss.numpy())
+            rec["sim"].append(sim.numpy())
+            rec["reg"].append(reg.numpy())
+            bar.update(1)
+        if iters[lvl]:
+            bar.set_postfix(level=lvl, sim=float(np.mean(rec["sim"][-1])))
+        history.append({"shape": shape, "lr": lrs[lvl], "iters": iters[lvl], "reg_weight": regw[lvl],
+                        **{k: (np.stack(v, axis=1) if v else np.zeros((bsz, 0), np.float32))
+                           for k, v in rec.items()}})
+        param = tf.convert_to_tensor(var)
+    bar.close()
+
+    if not np.all(np.isfinite(param.numpy())):
+        raise FloatingPointError("instance optimisation diverged (NaN/Inf in the displacement)")
+    if tuple(param.shape[1:-1]) != tuple(vol):
+        param = resize_linear(param, vol)
+    scale = tf.constant([(n - 1) / 2.0 for n in vol], tf.float32)
+    v = param * scale
+    inverse = velocity = None
+    if diffeomorphic:
+        integ = vxm.layers.VecInt(method="ss", int_steps=int_steps, indexing="ij")
+        u = integ(v)
+        inverse = integ(-v).numpy()
+        velocity = v.numpy()
+    else:
+        u = v
+    moved = transformer_()([tf.convert_to_tensor(mv), u]).numpy()
+    return IOResult(disp=u.numpy(), moved=moved, inverse=inverse, velocity=velocity, history=history,
+                    level_shapes=shapes, seconds=time.perf_counter() - t0)
+
+
+__all__ = ["instance_optimise", "IOResult", "feature_provider", "ae_features", "level_shapes",
+           "resize_linear", "gaussian_smooth", "warp", "FEATURE_NAMES", "IO_LRS", "IO_ITERS",
+           "IO_REG_WEIGHTS", "IO_LEVELS", "IO_SMOOTH_SIGMA", "IO_MIN_SCALE"]
