@@ -83,7 +83,7 @@ PRESETS = {
     "tiny3d": dataclasses.replace(
         PAPER, name="tiny3d", inshape=(16, 16, 16), spacing=8.0, ch=4, nb_levels=3, num_patches=32,
         ae_crop=(16, 16, 16), head_units=16, hyp_units=16, lr=1e-3, iters=2, ckpt_every=1,
-        proxy_subjects=3, proxy_max_disp=1.0),
+        proxy_subjects=5, proxy_max_disp=1.0),
 }
 
 

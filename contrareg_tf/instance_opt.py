@@ -228,11 +228,14 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
         f = lambda x: M.mind(x, mind_distance, mind_patch)  # noqa: E731
         return f, f
     if features == "dns":
-        from .losses.dns import dns_features
+        try:
+            from .losses.dns import dns_features
+        except ImportError:
+            from .networks.masr import dns_features
 
         def _load(p):
             from .networks.masr import load_masr
-            return load_masr(p, ndim) if _accepts_ndim(load_masr) else load_masr(p)
+            return load_masr(p, ndim)
 
         model = _load_model(dns_model, _load, "dns")
         f = lambda x: dns_features(x, model)  # noqa: E731
@@ -252,15 +255,6 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
         return (lambda x: ae_features(af, x, ae_layers)), (lambda x: ae_features(am, x, ae_layers))
     raise ContraRegInputError(f"unknown features {features!r}; choose one of {', '.join(FEATURE_NAMES)} "
                               f"or pass a callable")
-
-
-def _accepts_ndim(fn):
-    import inspect
-
-    try:
-        return len(inspect.signature(fn).parameters) >= 2
-    except (TypeError, ValueError):
-        return False
 
 
 # -------------------------------------------------------------------------------------------- core

@@ -65,8 +65,8 @@ def dice30(scores, fraction=0.3):
     """Dice30 (ContraReg): mean of the lowest ``fraction`` of per-pair Dice scores.
 
     k = ceil(fraction · n) lowest scores, at least 1 (n = 10 -> 3, n = 11 -> 4, n = 64 -> 20, n = 1 -> 1);
-    fraction · n is rounded to 9 decimals before the ceil so that float error (0.3·10 = 3.0000000000000004)
-    does not add a score."""
+    fraction · n is rounded to 9 decimals before the ceil (a guard against float error adding a score
+    for arbitrary fractions)."""
     s = np.asarray(scores, dtype=np.float64).ravel()
     if s.size == 0:
         raise ContraRegInputError("dice30: scores is empty")

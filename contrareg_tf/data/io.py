@@ -68,14 +68,14 @@ def load_nifti(path, ndim: Optional[int] = None, vector: bool = False, dtype=np.
         raise ContraRegInputError(f"{p}: not a readable NIfTI image ({type(e).__name__}: {e})") from None
 
     shape = data.shape
-    nspat = ndim if ndim is not None else min(max(len(shape), 2), 3)
     if vector:
-        comps = shape[-1] if len(shape) > nspat else None
-        body = shape[:-1] if comps is not None else shape
+        if len(shape) < 3:
+            raise ContraRegInputError(f"{p}: expected a vector field of shape (*vol, ndim), got {shape}")
+        body = shape[:-1]
     else:
         body = shape
-    # squeeze trailing singleton axes beyond the spatial ones
-    while len(body) > nspat and body[-1] == 1:
+    nspat = ndim if ndim is not None else 3
+    while len(body) > nspat and body[-1] == 1:  # squeeze trailing singleton axes beyond the spatial ones
         body = body[:-1]
     if len(body) > 3:
         raise ContraRegInputError(f"{p}: image is {len(body)}-D with shape {shape}; expected a 2-D or 3-D "
@@ -85,8 +85,6 @@ def load_nifti(path, ndim: Optional[int] = None, vector: bool = False, dtype=np.
     if len(body) < 2:
         raise ContraRegInputError(f"{p}: expected a 2-D or 3-D image, got shape {shape}")
     if vector:
-        if len(shape) <= len(body):
-            raise ContraRegInputError(f"{p}: expected a vector field of shape (*vol, {len(body)}), got {shape}")
         data = data.reshape(tuple(body) + (shape[-1],))
     else:
         data = data.reshape(body)

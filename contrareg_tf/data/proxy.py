@@ -7,7 +7,7 @@ Per subject k (``rng = default_rng([seed, k])``):
   2-D mode: an axial slice (z drawn from a band of ``slice_band_mm`` around MNI z = ``slice_z_mm``) is
   taken FIRST, everything after is in-plane 2-D.
 - a smooth diffeomorphism: SVF with i.i.d. N(0, 1) values on a coarse grid (control points every
-  ``svf_spacing_mm``), cubic-spline upsampled, scaled so max |v| = ``max_disp`` voxels, integrated by
+  ``svf_spacing_mm``), cubic B-spline upsampled, scaled so max |v| = ``max_disp`` voxels, integrated by
   scaling and squaring. Saved as ``warp`` (voxel units, ij order, shape (*vol, ndim)): the subject is the
   template pulled back, ``subject(x) = template(x + u(x))``; ``warp_inv`` is exp(−v).
 - T1w = warped real T1w; T2w rendered from the warped tissue maps with per-subject class intensities
@@ -72,7 +72,7 @@ def _mni():
     return vols, affine
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=2)
 def _smoothed_mni(spacing: float):
     """MNI maps Gaussian-filtered for resampling to ``spacing`` mm (FWHM = spacing, 1 mm source)."""
     vols, affine = _mni()
@@ -150,35 +150,52 @@ def _compose_self(u, grid):
 
 def integrate_svf(v, steps: Optional[int] = None, grid=None):
     """Scaling and squaring exp(v) for a stationary velocity ``v`` (ndim, *vol) in voxels; returns the
-    displacement. ``steps`` defaults to enough halvings that max |v| / 2^steps <= 1/4 (and >= 7)."""
+    displacement (ndim, *vol). ``steps`` defaults to enough halvings that the first step is small:
+    max |v| / 2^steps <= 1/4 voxel and max |∇v| / 2^steps <= 1/20 (at least 4)."""
     v = np.asarray(v, np.float32)
-    vmax = float(np.sqrt((v ** 2).sum(0)).max())
     if steps is None:
-        steps = max(7, int(math.ceil(math.log2(max(vmax, 1e-6) * 4))))
+        vmax = float(np.sqrt((v ** 2).sum(0)).max())
+        gmax = max(float(np.abs(np.gradient(c, axis=i)).max()) for c in v for i in range(v.shape[0]))
+        steps = max(4, int(math.ceil(math.log2(max(vmax * 4.0, gmax * 20.0, 1.0)))))
     grid = _grid(v.shape[1:]) if grid is None else grid
-    u = v / (2.0 ** steps)
+    u = v / np.float32(2.0 ** steps)
     for _ in range(steps):
         u = _compose_self(u, grid)
     return u
 
 
+def _bspline_matrix(n: int, c: int) -> np.ndarray:
+    """(n, c) matrix evaluating a cubic B-spline with ``c`` coefficients spread over ``n`` samples
+    (end coefficients at the first/last sample), rows normalised to sum 1."""
+    pos = np.linspace(0.0, c - 1.0, n)[:, None] - np.arange(c)[None, :]
+    a = np.abs(pos)
+    w = np.where(a < 1, 2 / 3 - a ** 2 + a ** 3 / 2, np.where(a < 2, (2 - a) ** 3 / 6, 0.0))
+    return w / w.sum(1, keepdims=True)
+
+
+def smooth_upsample(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Cubic B-spline upsampling of a coarse grid (*cshape) to ``shape`` (separable, C2-smooth)."""
+    out = coarse
+    for ax, n in enumerate(shape):
+        m = _bspline_matrix(n, coarse.shape[ax])
+        out = np.moveaxis(np.tensordot(m, np.moveaxis(out, ax, 0), axes=(1, 0)), 0, ax)
+    return out
+
+
 def random_svf(rng, shape, spacing: float, max_disp: float, svf_spacing_mm: float = 32.0):
     """Smooth SVF (ndim, *shape): N(0,1) on a coarse grid (one control point per ``svf_spacing_mm``),
-    cubic-spline upsampled, scaled so its maximal vector norm is ``max_disp`` voxels."""
+    cubic B-spline upsampled, scaled so its maximal vector norm is ``max_disp`` voxels."""
     nd = len(shape)
     cshape = tuple(max(4, int(math.ceil(n * spacing / svf_spacing_mm)) + 1) for n in shape)
-    coarse = rng.standard_normal((nd,) + cshape).astype(np.float64)
-    v = np.stack([ndi.zoom(c, [n / cn for n, cn in zip(shape, cshape)], order=3, mode="nearest",
-                           grid_mode=False) for c in coarse], 0)
-    v = v[(slice(None),) + tuple(slice(0, n) for n in shape)]
+    coarse = rng.standard_normal((nd,) + cshape)
+    v = np.stack([smooth_upsample(c, shape) for c in coarse], 0)
     norm = np.sqrt((v ** 2).sum(0)).max()
     return (v * (max_disp / max(norm, 1e-12))).astype(np.float32)
 
 
 def _smooth_field(rng, shape, n_ctrl=4, std=0.15):
     coarse = rng.standard_normal((n_ctrl,) * len(shape)) * std
-    f = ndi.zoom(coarse, [n / n_ctrl for n in shape], order=3, mode="nearest", grid_mode=False)
-    return np.exp(f[tuple(slice(0, n) for n in shape)]).astype(np.float32)
+    return np.exp(smooth_upsample(coarse, shape)).astype(np.float32)
 
 
 def render_t2(rng, csf, gm, wm, bias_std=0.15, blur=(0.3, 0.7), noise=(0.01, 0.03)):
@@ -227,7 +244,7 @@ def _try_reuse(out_dir, params):
             old = json.load(f)
     except (OSError, ValueError):
         return None
-    if old.get("params") != params:
+    if old.get("params") != params or not old.get("complete", False):
         return None
     try:
         desc = load_description(os.path.join(out_dir, CSV_NAME), check_files=True)
@@ -244,9 +261,12 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
     """Build (or reuse) the proxy data set in ``out_dir`` (default: a folder under
     :func:`default_cache_dir` named after the parameters) and return its :class:`Description`.
 
-    Writes ``<out_dir>/sub-XXX/{t1,t2,labels,mask,warp,warp_inv}.nii.gz``, ``dataset.csv`` (with a seeded
-    train/val/test split) and ``proxy.json`` (the parameters; written last). A folder already holding a
-    build with identical parameters is reused as is.
+    Writes ``<out_dir>/sub-XXX/{t1,t2,labels,mask}.nii.gz`` and ``{warp,warp_inv}.nii`` (float fields,
+    uncompressed), ``dataset.csv`` (with a seeded train/val/test split) and ``proxy.json`` (the parameters,
+    marked complete when the build ends). A complete build with identical parameters is reused as is; an
+    incomplete or different one is rebuilt; a non-empty folder without ``proxy.json`` is refused.
+    2-D mode (``ndim=2``, ``shape`` 2-D): one axial slice per subject, z ~ U[slice_z_mm ± slice_band_mm]
+    (MNI mm), then in-plane 2-D deformations only.
     """
     shape = tuple(int(s) for s in shape)
     if ndim not in (2, 3) or len(shape) != ndim:
@@ -265,6 +285,8 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
             raise ContraRegInputError(f"{out_dir}: folder exists, is not empty and holds no proxy build; "
                                       f"refusing to write into it")
     os.makedirs(out_dir, exist_ok=True)
+    # mark the folder as ours first: an interrupted build is then rebuilt, never mistaken for user data
+    _write_json(os.path.join(out_dir, PROXY_JSON), dict(params=params, complete=False))
     t0 = time.time()
     if ndim == 3:
         tmpl3 = _template(shape, spacing)
@@ -292,14 +314,15 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
         files = {}
         for key, arr in (("t1", t1), ("t2", t2), ("labels", labels), ("mask", (labels > 0).astype(np.uint8)),
                          ("warp", np.moveaxis(u, 0, -1)), ("warp_inv", np.moveaxis(u_inv, 0, -1))):
-            files[key] = save_nifti(os.path.join(d, key + ".nii.gz"), arr, affine=aff)
+            ext = ".nii" if key.startswith("warp") else ".nii.gz"  # float fields barely compress (~7%)
+            files[key] = save_nifti(os.path.join(d, key + ext), arr, affine=aff)
         subjects.append(Subject(subject=name, t1=files["t1"], t2=files["t2"], labels=files["labels"],
                                 mask=files["mask"], split=splits[k],
                                 extra={"warp": files["warp"], "warp_inv": files["warp_inv"]}))
         if verbose:
             print(f"proxy {name} ({k + 1}/{n_subjects}) {time.time() - t0:.1f}s", flush=True)
     write_description(os.path.join(out_dir, CSV_NAME), subjects)
-    meta = dict(params=params, label_names={str(k): v for k, v in LABEL_NAMES.items()},
+    meta = dict(params=params, complete=True, label_names={str(k): v for k, v in LABEL_NAMES.items()},
                 source="nilearn MNI ICBM152 2009a (T1w, GM, WM)", warp_convention=(
                     "subject(x) = template(x + warp(x)); voxel units, ij order; warp_inv = exp(-v)"))
     _write_json(os.path.join(out_dir, PROXY_JSON), meta)

@@ -107,8 +107,12 @@ def _patches(w, patch):
 
 def local_mutual_information(x, y, bins=PAPER.lmi_bins, patch=PAPER.lmi_patch, sigma_ratio=SIGMA_RATIO,
                              eps=MI_EPS):
-    """Local MI (Guo 2019): soft-binned MI in each non-overlapping ``patch``^ndim patch (padded, see
-    ``_patches``), averaged over patches. x, y: (B, *vol, 1) -> (B,). Each sample is independent (any B)."""
+    """Local MI (Guo 2019): soft-binned MI in each non-overlapping ``patch``^ndim patch, averaged over
+    patches. x, y: (B, *vol, 1) -> (B,); each sample is independent (any B, also unknown at trace time).
+
+    Sizes need not divide by ``patch``: the patch grid is padded evenly on both sides as in Guo's code, but
+    padded voxels are *excluded* from the edge patches' histograms (Guo binned them as intensity 0, which
+    adds a spurious shared background bin to every edge patch)."""
     _check_params(bins, sigma_ratio, eps, patch)
     x, y = _check_images(x, y, "local mutual information")
     wx = _patches(soft_bin(x, bins, sigma_ratio), int(patch))

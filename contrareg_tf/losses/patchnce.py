@@ -97,6 +97,7 @@ def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, va
         valid = tf.ones(tf.shape(feats_q)[:2], tf.bool)
     valid = tf.cast(valid, tf.bool)
     logits = tf.einsum("bid,bjd->bij", feats_q, feats_k) / tau                  # (B, n, n); diag = positives
+    pos = tf.linalg.diag_part(logits)                                           # f_i · f_i+ / τ
     keep = tf.logical_or(tf.eye(n, dtype=tf.bool)[None], valid[:, None, :])  # j = i or a valid negative
     logits = tf.where(keep, logits, tf.cast(_NEG, logits.dtype))
     if feats_ext is not None:
@@ -104,7 +105,6 @@ def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, va
         if valid_ext is not None:
             ext = tf.where(tf.cast(valid_ext, tf.bool)[:, None, :], ext, tf.cast(_NEG, ext.dtype))
         logits = tf.concat([logits, ext], axis=-1)
-    pos = tf.reduce_sum(feats_q * feats_k, axis=-1) / tau                       # f_i · f_i+ / τ
     per_query = tf.reduce_logsumexp(logits, axis=-1) - pos                      # −log softmax of the positive
     w = tf.cast(valid, per_query.dtype)
     return tf.reduce_sum(w * per_query, axis=-1) / tf.maximum(tf.reduce_sum(w, axis=-1), 1.0)
@@ -203,10 +203,13 @@ class PatchNCE:
         return _l2n(p) if self.normalize else p
 
     def _layer_mask(self, mask, feat):
-        sp = feat.shape[1:-1].as_list()
         b = tf.shape(feat)[0]
         if mask is None:
-            return tf.ones([b, int(np.prod(sp))], tf.bool)
+            return tf.reshape(tf.ones(tf.shape(feat)[:-1], tf.bool), [b, -1])
+        sp = feat.shape[1:-1].as_list()
+        if None in sp or None in mask.shape[1:-1].as_list():
+            raise ContraRegInputError(f"{self.name}: masked sampling needs static spatial shapes, got "
+                                      f"features {feat.shape} and mask {mask.shape}")
         return tf.reshape(resize_mask(mask, sp), [b, -1])
 
     def compute(self, y_true, y_pred, masks=None, ext=None, return_samples=False):

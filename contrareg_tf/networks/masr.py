@@ -79,9 +79,9 @@ def layout_pairs(ndim, radius=1):
 def _edge_pad(x, r, ndim):
     """Replicate-pad the ndim spatial axes of (B, *vol, C) by r on each side."""
     for ax in range(1, ndim + 1):
-        n = tf.shape(x)[ax]
-        idx = tf.clip_by_value(tf.range(-r, n + r), 0, n - 1)
-        x = tf.gather(x, idx, axis=ax)
+        first = _slice_axis(x, ax, 0, 1, ndim)
+        last = _slice_axis(x, ax, -1, None, ndim)
+        x = tf.concat([first] * r + [x] + [last] * r, axis=ax)   # slices, not gathers: cheap gradients
     return x
 
 
@@ -147,8 +147,8 @@ def upsample_linear(x):
     ndim = len(x.shape) - 2
     for ax in range(1, ndim + 1):
         n = tf.shape(x)[ax]
-        prev = tf.gather(x, tf.maximum(tf.range(n) - 1, 0), axis=ax)
-        nxt = tf.gather(x, tf.minimum(tf.range(n) + 1, n - 1), axis=ax)
+        prev = tf.concat([_slice_axis(x, ax, 0, 1, ndim), _slice_axis(x, ax, 0, -1, ndim)], axis=ax)
+        nxt = tf.concat([_slice_axis(x, ax, 1, None, ndim), _slice_axis(x, ax, -1, None, ndim)], axis=ax)
         even = 0.75 * x + 0.25 * prev
         odd = 0.75 * x + 0.25 * nxt
         y = tf.stack([even, odd], axis=ax + 1)                      # (..., n, 2, ...)
@@ -421,18 +421,83 @@ def _random_crop(img, mask, crop, rng):
     crop = tuple(int(c) for c in crop)
     if len(crop) != img.ndim or any(c > s for c, s in zip(crop, img.shape)):
         raise ContraRegInputError(f"crop {crop} does not fit image shape {img.shape}")
-    start = [int(rng.integers(0, s - c + 1)) for s, c in zip(img.shape, crop)]
+    fg = np.argwhere(mask)                                 # centre the crop on a random foreground voxel
+    centre = fg[int(rng.integers(len(fg)))] if len(fg) else np.array(img.shape) // 2
+    start = [int(np.clip(int(p) - c // 2 + int(rng.integers(-(c // 4), c // 4 + 1)), 0, s - c))
+             for p, s, c in zip(centre, img.shape, crop)]
     sl = tuple(slice(a, a + c) for a, c in zip(start, crop))
     return img[sl], mask[sl]
 
 
+def load_training_images(data=None, cfg=None, split="train"):
+    """Training images for ``train_masr``: both the T1w and the T2w image of every subject of ``split``
+    (falling back to all subjects if the split is empty) with their foreground masks.
+
+    data: None → the built-in proxy for preset ``cfg`` (``cfg.inshape``, ``cfg.spacing``,
+    ``cfg.proxy_subjects``, ``cfg.proxy_max_disp``, proxy seed ``cfg.seed``; cached), or a data-set CSV /
+    folder (``data.dataset.load_description``). Images outside [0, 1] are mapped by robust percentiles;
+    masks come from the mask column or ``foreground_mask``; sizes not divisible by 8 are zero-padded up.
+    Returns (images, masks, info dict)."""
+    from ..config import PAPER
+    from ..data.io import crop_or_pad, foreground_mask, load_nifti, normalize_intensity
+
+    cfg = cfg or PAPER
+    if data is None:
+        from ..data.proxy import build_proxy
+
+        ndim = len(cfg.inshape)
+        desc = build_proxy(n_subjects=cfg.proxy_subjects, shape=cfg.inshape, spacing=cfg.spacing,
+                           seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=ndim)
+        source = (f"built-in proxy ({ndim}-D {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
+                  f"{cfg.proxy_subjects} subjects, seed {cfg.seed}) at {desc.source}")
+    else:
+        from ..data.dataset import load_description
+
+        desc = load_description(data)
+        source = os.fspath(data)
+        ndim = None
+    subjects = desc.split(split) or desc.split("all")
+    images, masks = [], []
+    for s in subjects:
+        m = load_nifti(s.mask, ndim=ndim).data > 0 if s.mask else None
+        for key in ("t1", "t2"):
+            vol = load_nifti(getattr(s, key), ndim=ndim)
+            x = vol.data
+            if x.min() < 0 or x.max() > 1:
+                x = normalize_intensity(x, mask=m)
+            mk = m if m is not None else foreground_mask(x, require_nonempty=True, name=vol.path)
+            if mk.shape != x.shape:
+                raise ContraRegInputError(f"{s.mask}: mask shape {mk.shape} != image shape {x.shape} "
+                                          f"({vol.path})")
+            target = [-(-n // _STRIDE) * _STRIDE for n in x.shape]
+            if list(x.shape) != target:
+                x, _ = crop_or_pad(x, target)
+                mk, _ = crop_or_pad(mk.astype(np.uint8), target)
+            images.append(np.asarray(x, np.float32))
+            masks.append(np.asarray(mk) > 0)
+    if not images:
+        raise ContraRegInputError(f"{source}: no subjects to train on")
+    info = dict(data=source, split=split if desc.split(split) else "all", n_subjects=len(subjects),
+                n_images=len(images), modalities=["t1", "t2"])
+    return images, masks, info
+
+
+def _loss_curve(history, n_blocks=10):
+    """Mean loss of ``n_blocks`` consecutive blocks of steps: [[first step, last step, mean], ...]."""
+    if not history:
+        return []
+    edges = np.unique(np.linspace(0, len(history), n_blocks + 1).astype(int))
+    return [[int(a), int(b - 1), round(float(np.mean(history[a:b])), 4)] for a, b in zip(edges[:-1], edges[1:])]
+
+
 def train_masr(images, masks=None, iters=100, lr=DNS_LR, num_samples=DNS_NUM_SAMPLES, tau=DNS_TAU, seed=0,
-               crop=None, model=None, build_kwargs=None, progress=True, out=None, card=None):
+               crop=None, model=None, build_kwargs=None, progress=True, out=None, card=None, max_seconds=None):
     """Anatomy-aware contrastive training of MASR-Net on single images (§3.3).
 
     images: list of (*vol,) float arrays in [0, 1] (T1w and T2w alike); masks: matching foreground masks
     (default: image > 0). Each step: one random image (optionally a random ``crop``), its Bézier-augmented
     copy, ``num_samples`` foreground locations (without replacement; all of them if fewer), InfoNCE at τ.
+    ``max_seconds``: stop early after this much wall time (the card records the steps done).
     Returns (model, history) with history = list of per-step losses. ``out`` (.h5): weights + JSON card."""
     if not images:
         raise ContraRegInputError("train_masr: no training images")
@@ -463,7 +528,9 @@ def train_masr(images, masks=None, iters=100, lr=DNS_LR, num_samples=DNS_NUM_SAM
     model = model if model is not None else build_masr(ndim, **(build_kwargs or {}))
     opt = tf.keras.optimizers.Adam(lr)
 
-    @tf.function(reduce_retracing=True)
+    img_spec = tf.TensorSpec((1,) + (None,) * ndim + (1,), tf.float32)
+
+    @tf.function(input_signature=[img_spec, img_spec, tf.TensorSpec((None,), tf.int32)])
     def step(x, x_aug, idx):
         with tf.GradientTape() as tape:
             d = model(tf.concat([x, x_aug], axis=0), training=True)
@@ -497,15 +564,19 @@ def train_masr(images, masks=None, iters=100, lr=DNS_LR, num_samples=DNS_NUM_SAM
         history.append(loss)
         if progress:
             bar.set_postfix(loss=f"{loss:.4f}")
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            break
     elapsed = time.time() - t0
     if out is not None:
         tail = history[-min(len(history), 20):]
-        info = dict(model=get_config(model), iterations=int(iters), lr=float(lr), num_samples=int(num_samples),
+        info = dict(model=get_config(model), iterations=len(history), iterations_requested=int(iters),
+                    max_seconds=max_seconds, lr=float(lr), num_samples=int(num_samples),
                     tau=float(tau), seed=int(seed), crop=list(crop) if crop is not None else None,
                     n_images=len(images), image_shape=list(images[0].shape),
                     final_loss=history[-1] if history else None,
                     final_loss_mean_last20=float(np.mean(tail)) if tail else None,
                     first_loss=history[0] if history else None,
+                    loss_curve=_loss_curve(history),
                     train_seconds=round(elapsed, 1), tensorflow=tf.__version__)
         info.update(card or {})
         save_masr(model, out, card=info)

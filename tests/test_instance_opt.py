@@ -1,0 +1,300 @@
+"""Instance optimisation (contrareg_tf.instance_opt) and its CLI (eval_scripts/instance_opt.py).
+
+Synthetic multi-modal pairs: a label phantom rendered with two different intensity tables (so no single
+intensity mapping relates fixed and moving), moving = fixed anatomy warped by a known smooth field
+(scipy map_coordinates). Dice is computed here in numpy."""
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import ndimage
+
+from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf import instance_opt as IO
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "eval_scripts", "instance_opt.py")
+sys.path.insert(0, os.path.join(ROOT, "eval_scripts"))
+
+
+# ------------------------------------------------------------------------------------------- phantoms
+def phantom(shape):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+    c = (np.array(shape) - 1) / 2
+    r = np.linalg.norm((grid - c) / (np.array(shape) / 2), axis=-1)
+    lab = np.zeros(shape, np.int32)
+    lab[r < 0.8] = 1
+    lab[r < 0.5] = 2
+    lab[np.all(np.abs(grid - c - np.array(shape) * 0.12) < np.array(shape) * 0.12, -1)] = 3
+    return lab
+
+
+def make_pair(shape, amp, seed=0):
+    """fixed labels, moving labels, fixed image, moving image, true field."""
+    rng = np.random.default_rng(seed)
+    u = np.stack([ndimage.gaussian_filter(rng.standard_normal(shape), 4) for _ in shape], -1)
+    u = u / np.abs(u).max() * amp
+    lab = phantom(shape)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), 0).astype(float)
+    mlab = ndimage.map_coordinates(lab, grid + np.moveaxis(u, -1, 0), order=0, mode="nearest")
+    fix = ndimage.gaussian_filter(np.array([0.05, 0.9, 0.45, 0.7])[lab], 0.7).astype(np.float32)
+    mov = ndimage.gaussian_filter(np.array([0.0, 0.3, 0.95, 0.6])[mlab], 0.7).astype(np.float32)
+    return lab, mlab, fix, mov, u
+
+
+def mdice(a, b):
+    return np.mean([2 * np.sum((a == k) & (b == k)) / (np.sum(a == k) + np.sum(b == k)) for k in (1, 2, 3)])
+
+
+def np_warp_nearest(lab, u):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in lab.shape], indexing="ij"), 0).astype(float)
+    return ndimage.map_coordinates(lab, grid + np.moveaxis(u, -1, 0), order=0, mode="nearest")
+
+
+def np_jacdet(u):
+    nd = u.shape[-1]
+    m = [[np.gradient(u[..., k], axis=i) + (k == i) for i in range(nd)] for k in range(nd)]
+    return np.linalg.det(np.moveaxis(np.array(m), (0, 1), (-2, -1)))
+
+
+# ----------------------------------------------------------------------------------- resampling ops
+@pytest.mark.parametrize("shape,out", [((32, 32), (16, 23)), ((9, 12, 10), (18, 6, 10))])
+def test_resize_linear_matches_scipy_zoom(shape, out):
+    x = np.random.default_rng(0).random((2, *shape, 3)).astype(np.float32)
+    y = IO.resize_linear(x, out).numpy()
+    assert y.shape == (2, *out, 3)
+    for b in range(2):
+        for c in range(3):
+            ref = ndimage.zoom(x[b, ..., c], [o / s for o, s in zip(out, shape)], order=1, grid_mode=False,
+                               mode="nearest")
+            np.testing.assert_allclose(y[b, ..., c], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 1.5])
+def test_gaussian_smooth_matches_scipy(sigma):
+    x = np.random.default_rng(1).random((2, 12, 14, 10, 2)).astype(np.float32)
+    y = IO.gaussian_smooth(x, sigma).numpy()
+    for b in range(2):
+        for c in range(2):
+            ref = ndimage.gaussian_filter(x[b, ..., c].astype(np.float64), sigma, mode="nearest", truncate=3.0)
+            np.testing.assert_allclose(y[b, ..., c], ref, atol=1e-5)
+
+
+def test_level_shapes_geometric_half_to_full():
+    assert IO.level_shapes((128, 96, 64)) == [(64, 48, 32), (91, 68, 45), (128, 96, 64)]
+    assert IO.level_shapes((40, 40), levels=1) == [(40, 40)]
+    assert IO.level_shapes((64, 64), levels=2, min_scale=0.25) == [(16, 16), (64, 64)]
+
+
+def test_warp_matches_scipy_nearest():
+    lab, _, _, _, u = make_pair((24, 20), 3.0)
+    out = IO.warp(lab[None, ..., None], u[None].astype(np.float32), interp="nearest")[0, ..., 0]
+    assert out.dtype == lab.dtype
+    assert np.mean(out == np_warp_nearest(lab, u)) > 0.99  # ties at exact .5 may round differently
+
+
+# ------------------------------------------------------------------------------------- registration
+def test_io_2d_mindssc_improves_dice_and_similarity():
+    flab, mlab, fix, mov, _ = make_pair((48, 48), 4.0)
+    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="mindssc", progress=False)
+    assert res.disp.shape == (1, 48, 48, 2) and res.moved.shape == (1, 48, 48, 1)
+    assert [h["sim"].shape for h in res.history] == [(1, 100), (1, 80), (1, 50)]
+    moved = np_warp_nearest(mlab, res.disp[0])
+    before, after = mdice(flab, mlab), mdice(flab, moved)
+    assert after > before + 0.03, (before, after)
+    first, last = res.history[0]["sim"][0, 0], res.history[-1]["sim"][0, -1]
+    assert last < 0.8 * first
+    assert np.mean(np_jacdet(res.disp[0]) <= 0) == 0.0
+    # the moved image is the moving image warped by the returned field
+    ref = ndimage.map_coordinates(mov, np.stack(np.meshgrid(np.arange(48), np.arange(48), indexing="ij"))
+                                  + np.moveaxis(res.disp[0], -1, 0), order=1, mode="nearest")
+    np.testing.assert_allclose(res.moved[0, ..., 0], ref, atol=1e-4)
+
+
+def test_io_3d_mindssc_improves_dice():
+    flab, mlab, fix, mov, _ = make_pair((24, 24, 24), 3.0, seed=1)
+    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="mindssc",
+                               iters=(40, 30, 20), progress=False)
+    assert res.level_shapes == [(12, 12, 12), (17, 17, 17), (24, 24, 24)]
+    before, after = mdice(flab, mlab), mdice(flab, np_warp_nearest(mlab, res.disp[0]))
+    assert after > before + 0.01, (before, after)
+    assert res.history[-1]["sim"][0, -1] < res.history[0]["sim"][0, 0]
+
+
+def test_io_mind_features_and_diffeomorphic_inverse():
+    flab, mlab, fix, mov, _ = make_pair((40, 40), 4.0, seed=2)
+    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="mind",
+                               diffeomorphic=True, progress=False)
+    assert res.inverse.shape == res.disp.shape and res.velocity.shape == res.disp.shape
+    assert mdice(flab, np_warp_nearest(mlab, res.disp[0])) > mdice(flab, mlab) + 0.02
+    # φ⁻¹∘φ ≈ id: u(x) + u_inv(x + u(x)) ≈ 0 (interior)
+    u, ui = res.disp[0], res.inverse[0]
+    grid = np.stack(np.meshgrid(np.arange(40), np.arange(40), indexing="ij"))
+    comp = u + np.stack([ndimage.map_coordinates(ui[..., k], grid + np.moveaxis(u, -1, 0), order=1,
+                                                 mode="nearest") for k in range(2)], -1)
+    assert np.abs(u).max() > 1.0
+    assert np.abs(comp[4:-4, 4:-4]).max() < 0.15 * np.abs(u).max()
+    assert np.mean(np_jacdet(u) <= 0) == 0.0
+
+
+def test_batch_of_two_equals_each_alone():
+    pairs = [make_pair((32, 32), 3.0, seed=s) for s in (3, 4)]
+    fx = np.stack([p[2] for p in pairs])[..., None]
+    mv = np.stack([p[3] for p in pairs])[..., None]
+    kw = dict(features="mindssc", iters=(20, 15, 10), progress=False)
+    both = IO.instance_optimise(fx, mv, **kw)
+    for b in range(2):
+        one = IO.instance_optimise(fx[b:b + 1], mv[b:b + 1], **kw)
+        np.testing.assert_allclose(both.disp[b], one.disp[0], atol=2e-4)
+        np.testing.assert_allclose(both.history[-1]["loss"][b], one.history[-1]["loss"][0], rtol=1e-3,
+                                   atol=1e-6)
+    assert np.abs(both.disp[0] - both.disp[1]).max() > 0.1  # the two pairs really differ
+
+
+def test_callable_and_pair_features_and_ae_provider():
+    _, _, fix, mov, _ = make_pair((16, 16), 2.0)
+    calls = []
+
+    def feat(x):
+        calls.append(x.shape)
+        return tf.concat([x, 1.0 - x], axis=-1)
+
+    IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features=feat, iters=(2, 2, 2),
+                         progress=False)
+    assert calls == [(1, 16, 16, 1)] * 2          # computed once per image, not per level
+    ff, fm = IO.feature_provider((lambda x: x, lambda x: 2 * x))
+    assert np.allclose(fm(np.ones((1, 4, 4, 1))), 2)
+
+    # AE provider: a fake autoencoder with outputs [recon, f1 (full res), f2 (half res)]
+    inp = tf.keras.Input((16, 16, 1))
+    f1 = tf.keras.layers.Conv2D(3, 3, padding="same", name="c1")(inp)
+    f2 = tf.keras.layers.Conv2D(2, 3, strides=2, padding="same", name="c2")(f1)
+    ae_a = tf.keras.Model(inp, [inp, f1, f2])
+    ae_b = tf.keras.models.clone_model(ae_a)
+    x = fix[None, ..., None]
+    f_fix, f_mov = IO.feature_provider("ae", ndim=2, ae_models=(ae_a, ae_b), moving_modality="t1")
+    out = f_mov(x).numpy()                      # moving is T1w -> A1 = ae_a
+    assert out.shape == (1, 16, 16, 5)
+    o1, o2 = (t.numpy() for t in ae_a(x)[1:])
+    r1 = o1[0] / np.linalg.norm(o1[0], axis=-1, keepdims=True)
+    np.testing.assert_allclose(out[0, ..., :3], r1, atol=1e-5)
+    up = np.stack([ndimage.zoom(o2[0, ..., c], 16 / 8, order=1, grid_mode=False, mode="nearest") for c in range(2)], -1)
+    np.testing.assert_allclose(out[0, ..., 3:], up / np.linalg.norm(up, axis=-1, keepdims=True), atol=1e-4)
+    np.testing.assert_allclose(f_fix(x).numpy()[0, ..., :3],
+                               (lambda o: o / np.linalg.norm(o, axis=-1, keepdims=True))(ae_b(x)[1].numpy()[0]),
+                               atol=1e-5)
+
+
+def test_bad_inputs_raise():
+    a = np.random.default_rng(0).random((1, 16, 16, 1)).astype(np.float32)
+    with pytest.raises(ContraRegInputError, match="shape mismatch"):
+        IO.instance_optimise(a, a[:, :12], progress=False)
+    bad = a.copy()
+    bad[0, 3, 3, 0] = np.nan
+    with pytest.raises(ContraRegInputError, match="NaN"):
+        IO.instance_optimise(a, bad, progress=False)
+    with pytest.raises(ContraRegInputError, match="spatial axes"):
+        IO.instance_optimise(a[0], a[0], progress=False)
+    with pytest.raises(ContraRegInputError, match="3-D"):
+        IO.instance_optimise(np.zeros((1, 8, 8, 8, 1)), a, progress=False)
+    with pytest.raises(ContraRegInputError, match="iters"):
+        IO.instance_optimise(a, a, iters=(1, 2), progress=False)
+    with pytest.raises(ContraRegInputError, match="unknown features"):
+        IO.instance_optimise(a, a, features="sift", progress=False)
+    with pytest.raises(ContraRegInputError, match="ae"):
+        IO.instance_optimise(a, a, features="ae", progress=False)
+    with pytest.raises(ContraRegInputError, match="dns"):
+        IO.instance_optimise(a, a, features="dns", progress=False)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+AFFINE = np.array([[-1.5, 0, 0, 40.0], [0, 1.5, 0, -12.0], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+
+
+def _save(path, data, affine=AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def nifti_pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("io_cli")
+    flab, mlab, fix, mov, _ = make_pair((20, 20, 16), 2.5, seed=5)
+    return {"dir": d, "fixed": _save(d / "f.nii.gz", fix), "moving": _save(d / "m.nii.gz", mov * 700.0),
+            "flab": _save(d / "fl.nii.gz", flab.astype(np.int16)), "mlab": _save(d / "ml.nii.gz",
+                                                                                 mlab.astype(np.int16)),
+            "arrays": (flab, mlab)}
+
+
+def test_cli_writes_outputs_with_fixed_affine(nifti_pair, tmp_path):
+    p = nifti_pair
+    out = {k: str(tmp_path / f"{k}.nii.gz") for k in ("moved", "warp", "inv", "mlab")}
+    cmd = [sys.executable, SCRIPT, "--fixed", p["fixed"], "--moving", p["moving"], "--features", "mindssc",
+           "--moved", out["moved"], "--warp", out["warp"], "--moving-labels", p["mlab"], "--moved-labels",
+           out["mlab"], "--fixed-labels", p["flab"], "--iters", "20,15,10", "--quiet", "--diffeomorphic",
+           "--inverse-warp", out["inv"]]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Dice before" in r.stdout
+    flab, mlab = p["arrays"]
+    for k, path in out.items():
+        img = nib.load(path)
+        np.testing.assert_allclose(img.affine, AFFINE)
+    warp = nib.load(out["warp"]).get_fdata()
+    assert warp.shape == (20, 20, 16, 3) and np.abs(warp).max() > 0.1
+    moved_lab = nib.load(out["mlab"]).get_fdata()
+    np.testing.assert_array_equal(moved_lab, np_warp_nearest(mlab, warp))  # same field, same labels
+    moved = nib.load(out["moved"]).get_fdata()
+    assert moved.max() > 100  # the original (un-normalised) moving intensities are warped
+    dice_line = [l for l in r.stdout.splitlines() if l.startswith("Dice")][0].split()
+    assert float(dice_line[-1]) == pytest.approx(mdice(flab, moved_lab), abs=1e-3)
+
+
+def _run_main(argv, capsys):
+    import instance_opt as script
+    from contrareg_tf.cli import run_cli
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(script.main, argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return e.value.code, err
+
+
+@pytest.mark.parametrize("case", ["missing", "shape", "not_nifti", "labels_shape", "bad_out_ext"])
+def test_cli_bad_inputs_one_line_nothing_written(case, nifti_pair, tmp_path, capsys):
+    p = nifti_pair
+    fixed, moving, extra = p["fixed"], p["moving"], []
+    if case == "missing":
+        moving = str(tmp_path / "nope.nii.gz")
+    elif case == "shape":
+        moving = _save(tmp_path / "small.nii.gz", np.zeros((20, 20, 12), np.float32))
+    elif case == "not_nifti":
+        moving = str(tmp_path / "m.nii.gz")
+        with open(moving, "w") as f:
+            f.write("not an image")
+    elif case == "labels_shape":
+        extra = ["--moving-labels", _save(tmp_path / "l.nii.gz", np.zeros((20, 20, 12), np.int16)),
+                 "--moved-labels", str(tmp_path / "out_l.nii.gz")]
+    elif case == "bad_out_ext":
+        extra = ["--warp", str(tmp_path / "warp.npy")]
+    before = set(os.listdir(tmp_path))
+    code, err = _run_main(["--fixed", fixed, "--moving", moving, "--moved", str(tmp_path / "moved.nii.gz"),
+                           "--quiet", *extra], capsys)
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert set(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_cli_missing_file_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, SCRIPT, "--fixed", str(tmp_path / "a.nii.gz"), "--moving",
+                        str(tmp_path / "b.nii.gz"), "--moved", str(tmp_path / "c.nii.gz")],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "a.nii.gz" in lines[0]
+    assert "not found" in lines[0]
+    assert os.listdir(tmp_path) == []

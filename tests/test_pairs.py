@@ -1,0 +1,184 @@
+"""Inter-subject pairs (contrareg_tf.data.pairs): make_pairs, load_split_arrays, pair_dataset."""
+import numpy as np
+import pytest
+
+from contrareg_tf.data import dataset as ds
+from contrareg_tf.data import io, pairs, proxy
+from contrareg_tf.errors import ContraRegInputError
+
+VOL = (10, 12, 9)   # on-disk grid of the synthetic subjects
+SHAPE = (8, 14, 9)  # crop x, pad y, keep z
+
+
+def _norm(x):
+    """Independent transcription of the robust [0, 1] normalisation (0.5 / 99.5 percentiles)."""
+    lo, hi = np.percentile(x, [0.5, 99.5])
+    return np.clip((x - lo) / (hi - lo), 0, 1)
+
+
+def _cp(x, shape):
+    """Independent centred crop/pad of the leading axes."""
+    out = np.zeros(tuple(shape) + x.shape[len(shape):], x.dtype)
+    src, dst = [], []
+    for o, t in zip(x.shape, shape):
+        k = min(o, t)
+        src.append(slice((o - k) // 2, (o - k) // 2 + k))
+        dst.append(slice((t - k) // 2, (t - k) // 2 + k))
+    out[tuple(dst)] = x[tuple(src)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """5 subjects (4 train, 1 test) with distinct random images, a blob mask (subject 3 has no mask
+    file), labels = subject-specific pattern."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    g = np.indices(VOL) - (np.array(VOL)[:, None, None, None] - 1) / 2
+    blob = (g ** 2).sum(0) < 16
+    subs, raw = [], []
+    for i in range(5):
+        d = root / f"s{i}"
+        d.mkdir()
+        t1 = (rng.random(VOL) * blob + 0.01 * rng.random(VOL)).astype(np.float32) * (i + 1) * 10
+        t2 = (rng.random(VOL) * blob).astype(np.float32) * 3 + 1
+        lab = (blob * (1 + (np.arange(np.prod(VOL)).reshape(VOL) + i) % 3)).astype(np.int16)
+        for k, a in (("t1", t1), ("t2", t2), ("labels", lab)):
+            io.save_nifti(d / f"{k}.nii.gz", a)
+        mask = None
+        if i != 3:
+            io.save_nifti(d / "mask.nii.gz", blob.astype(np.uint8))
+            mask = str(d / "mask.nii.gz")
+        subs.append(ds.Subject(f"s{i}", str(d / "t1.nii.gz"), str(d / "t2.nii.gz"), str(d / "labels.nii.gz"),
+                               mask, "test" if i == 4 else "train"))
+        raw.append({"t1": t1, "t2": t2, "labels": lab, "mask": blob})
+    ds.write_description(root / "dataset.csv", subs)
+    pairs.clear_cache()
+    return ds.load_description(root), raw
+
+
+def test_make_pairs():
+    allp = pairs.make_pairs(4)
+    assert len(allp) == 12 and len(set(allp)) == 12 and all(a != b for a, b in allp)
+    p = pairs.make_pairs(5, n_pairs=15, seed=3)
+    assert p == pairs.make_pairs(5, n_pairs=15, seed=3)  # deterministic
+    assert p != pairs.make_pairs(5, n_pairs=15, seed=4)
+    assert len(set(p)) == 15 and all(a != b and 0 <= a < 5 and 0 <= b < 5 for a, b in p)
+    many = pairs.make_pairs(3, n_pairs=14, seed=0)  # more than the 6 that exist: cycles
+    assert len(many) == 14 and set(many) == set(pairs.make_pairs(3)) and all(a != b for a, b in many)
+    with pytest.raises(ContraRegInputError, match="at least 2"):
+        pairs.make_pairs(1)
+
+
+def test_load_split_arrays_matches_files(synth):
+    desc, raw = synth
+    arr = pairs.load_split_arrays(desc, "train", SHAPE, ndim=3)
+    assert len(arr) == 4 and arr.names == ["s0", "s1", "s2", "s3"]
+    assert arr.img1.shape == (4,) + SHAPE and arr.img1.dtype == np.float32
+    assert arr["t1"] is arr.img1 and arr["t2"] is arr.img2  # dict-style aliases
+    for i in range(4):
+        np.testing.assert_allclose(arr.img1[i], _cp(_norm(raw[i]["t1"]), SHAPE), atol=1e-5)
+        np.testing.assert_allclose(arr.img2[i], _cp(_norm(raw[i]["t2"]), SHAPE), atol=1e-5)
+        np.testing.assert_array_equal(arr.labels[i], _cp(raw[i]["labels"], SHAPE))
+        if i != 3:  # mask file: used for both modalities
+            np.testing.assert_array_equal(arr.mask1[i], _cp(raw[i]["mask"], SHAPE))
+            np.testing.assert_array_equal(arr.mask2[i], arr.mask1[i])
+    # subject 3 has no mask file: foreground of each image (the blob, up to thresholding)
+    overlap = (arr.mask1[3] & _cp(raw[3]["mask"], SHAPE)).sum() / _cp(raw[3]["mask"], SHAPE).sum()
+    assert overlap > 0.8
+    assert pairs.load_split_arrays(desc, "train", SHAPE, ndim=3) is arr  # cached
+
+
+def _take(ds_, n):
+    return [{k: v.numpy() for k, v in b.items()} for b in ds_.take(n)]
+
+
+def test_pair_dataset_shapes_dtypes_and_content(synth):
+    desc, raw = synth
+    B = 3
+    d = pairs.pair_dataset(desc, "train", SHAPE, B, seed=5, with_labels=True, ext_negative=True,
+                           with_indices=True)
+    batches = _take(d, 4)
+    for b in batches:
+        for k in ("img1", "img2", "mask1", "mask2", "img_ext", "mask_ext"):
+            assert b[k].shape == (B,) + SHAPE + (1,) and b[k].dtype == np.float32, k
+        for k in ("labels1", "labels2"):
+            assert b[k].shape == (B,) + SHAPE + (1,) and b[k].dtype == np.int32
+        i1, i2, ie = b["index1"], b["index2"], b["index_ext"]
+        assert np.all(i1 != i2) and np.all(ie != i1) and np.all(ie != i2)
+        for s in range(B):
+            np.testing.assert_allclose(b["img1"][s, ..., 0], _cp(_norm(raw[i1[s]]["t1"]), SHAPE), atol=1e-5)
+            np.testing.assert_allclose(b["img2"][s, ..., 0], _cp(_norm(raw[i2[s]]["t2"]), SHAPE), atol=1e-5)
+            np.testing.assert_allclose(b["img_ext"][s, ..., 0], _cp(_norm(raw[ie[s]]["t2"]), SHAPE), atol=1e-5)
+            np.testing.assert_array_equal(b["labels2"][s, ..., 0], _cp(raw[i2[s]]["labels"], SHAPE))
+    # every index stays inside the train split (the test subject s4 never appears)
+    assert max(int(b["index1"].max()) for b in batches) < 4
+    # seeded: the same sequence each time it is iterated, another seed gives another one
+    again = _take(d, 4)
+    assert all(np.array_equal(x["index1"], y["index1"]) and np.array_equal(x["img2"], y["img2"])
+               for x, y in zip(batches, again))
+    other = _take(pairs.pair_dataset(desc, "train", SHAPE, B, seed=6, with_indices=True), 4)
+    assert any(not np.array_equal(x["index1"], y["index1"]) for x, y in zip(batches, other))
+    # the default keys only
+    plain = next(iter(pairs.pair_dataset(desc, "train", SHAPE, 2, seed=0)))
+    assert set(plain) == {"img1", "img2", "mask1", "mask2"}
+
+
+def test_pair_dataset_one_pass(synth):
+    desc, _ = synth
+    d = pairs.pair_dataset(desc, "train", SHAPE, 5, seed=0, repeat=False, with_indices=True)
+    got = []
+    sizes = []
+    for b in d:
+        sizes.append(int(b["img1"].shape[0]))
+        got += list(zip(b["index1"].numpy().tolist(), b["index2"].numpy().tolist()))
+    assert sorted(got) == pairs.make_pairs(4) and sizes == [5, 5, 2]
+
+
+def test_2d_mode_slices_3d_volumes(synth):
+    desc, raw = synth
+    shape2 = SHAPE[:2]
+    arr = pairs.load_split_arrays(desc, "train", shape2, ndim=2)
+    assert arr.img1.shape == (4,) + shape2 + (VOL[2],)
+    zlo, zhi = pairs.axial_band(np.concatenate([arr.mask1, arr.mask2]))
+    d = pairs.pair_dataset(desc, "train", shape2, 4, seed=1, ndim=2, with_indices=True)
+    for b in _take(d, 3):
+        assert b["img1"].shape == (4,) + shape2 + (1,)
+        for s in range(4):
+            a, c = b["index1"][s], b["index2"][s]
+            vol1 = _cp(_norm(raw[a]["t1"]), shape2)
+            vol2 = _cp(_norm(raw[c]["t2"]), shape2)
+            z1 = [z for z in range(VOL[2]) if np.allclose(vol1[..., z], b["img1"][s, ..., 0], atol=1e-5)]
+            z2 = [z for z in range(VOL[2]) if np.allclose(vol2[..., z], b["img2"][s, ..., 0], atol=1e-5)]
+            assert len(z1) == 1 and z1 == z2 and zlo <= z1[0] <= zhi  # same axial slice for both images
+
+
+def test_errors(synth, tmp_path):
+    desc, raw = synth
+    with pytest.raises(ContraRegInputError, match="'test' has 1 subject"):
+        pairs.pair_dataset(desc, "test", SHAPE, 1)
+    two = ds.Description(desc.subjects[:2], source="two")
+    with pytest.raises(ContraRegInputError, match="ext_negative needs >= 3"):
+        pairs.pair_dataset(two, "train", SHAPE, 1, ext_negative=True)
+    with pytest.raises(ContraRegInputError, match="shape"):
+        pairs.load_split_arrays(desc, "train", (8, 8), ndim=3)
+    # a subject whose T2w has another shape than its T1w
+    d = tmp_path / "bad"
+    d.mkdir()
+    io.save_nifti(d / "t1.nii.gz", raw[0]["t1"])
+    io.save_nifti(d / "t2.nii.gz", raw[0]["t2"][:, :, :-1])
+    io.save_nifti(d / "labels.nii.gz", raw[0]["labels"])
+    bad = ds.Subject("bad", str(d / "t1.nii.gz"), str(d / "t2.nii.gz"), str(d / "labels.nii.gz"), split="train")
+    with pytest.raises(ContraRegInputError, match=r"shape mismatch.*bad/t1.nii.gz.*bad/t2.nii.gz"):
+        pairs.load_split_arrays([bad, desc.subjects[0]], None, SHAPE)
+
+
+def test_pair_dataset_on_2d_proxy(tmp_path):
+    desc = proxy.build_proxy(str(tmp_path / "p"), n_subjects=3, shape=(32, 40), spacing=6.0, max_disp=1.5,
+                             ndim=2, seed=2)
+    d = pairs.pair_dataset(desc, "all", (32, 40), 2, seed=0, ndim=2, with_labels=True, with_indices=True)
+    b = next(iter(d))
+    assert b["img1"].shape == (2, 32, 40, 1) and b["labels1"].dtype.name == "int32"
+    assert np.all(b["index1"].numpy() != b["index2"].numpy())
+    assert set(np.unique(b["labels1"].numpy())) <= {0, 1, 2, 3}
+    assert float(b["img1"].numpy().max()) <= 1.0 and float(b["img2"].numpy().min()) >= 0.0
