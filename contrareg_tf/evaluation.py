@@ -22,33 +22,12 @@ CSV_FIELDS = ("lambda", "dice", "dice_std", "dice30", "folds", "folds_std", "sdl
               "folds_inv", "sdlogj_inv", "n_pairs")
 
 
-def _warp_np(model_ref, img, flow, interp):
-    import voxelmorph as vxm
-
-    st = vxm.layers.SpatialTransformer(interp_method=interp, indexing="ij", fill_value=0)
-    return st([img, flow]).numpy()
-
-
-def register_batch(reg_model, moving, fixed, lam):
-    """Run the registration model on numpy batches; returns (moved, pos_flow, neg_flow)."""
-    lam_arr = np.full((moving.shape[0], 1), float(lam), np.float32)
-    out = reg_model.predict_on_batch([moving.astype(np.float32), fixed.astype(np.float32), lam_arr])
-    return [np.asarray(o) for o in out]
-
-
-def registration_model(model):
-    """[source, target, λ] → [y_source, pos_flow, neg_flow] of a λ-conditioned VxmDense."""
-    import tensorflow as tf
-
-    r = model.references
-    return tf.keras.Model(model.inputs, [r.y_source, r.pos_flow, r.neg_flow])
-
-
 def _pair_metrics(fixed_lab, moving_lab, flow, label_ids):
     from . import metrics
+    from .networks.hyper import warp
 
-    moved = _warp_np(None, moving_lab[None, ..., None].astype(np.float32), flow[None], "nearest")[0, ..., 0]
-    d = metrics.dice(fixed_lab, np.rint(moved).astype(fixed_lab.dtype), labels=label_ids)
+    moved = np.asarray(warp(moving_lab.astype(np.int32)[None, ..., None], flow[None], interp="nearest"))[0, ..., 0]
+    d = metrics.dice(fixed_lab, moved, labels=label_ids)
     jac = metrics.jacobian_determinant(flow)
     return (float(np.mean(list(d.values()))), metrics.folding_fraction(jac),
             metrics.std_log_jacobian(jac))
@@ -60,20 +39,21 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     from tqdm.auto import tqdm
 
     from .metrics import dice30
+    from .networks.hyper import register
 
     for k in ("img1", "img2", "labels1", "labels2"):
         if k not in pairs:
             raise ContraRegInputError(f"evaluation pairs lack {k!r}")
     p = pairs["img1"].shape[0]
     label_ids = sorted(int(v) for v in np.union1d(np.unique(pairs["labels1"]), np.unique(pairs["labels2"])) if v)
-    reg = registration_model(model)
     rows = []
     for lam in tqdm(lambdas, desc=desc, disable=not progress):
         fw, bw = [], []
         for s in range(0, p, batch_size):
             sl = slice(s, min(p, s + batch_size))
             # source = I2 (T2w of b), target = I1 (T1w of a)
-            _, pos, neg = register_batch(reg, pairs["img2"][sl][..., None], pairs["img1"][sl][..., None], lam)
+            _, pos, neg = register(model, pairs["img2"][sl][..., None], pairs["img1"][sl][..., None], lam,
+                                   batch_size=batch_size)
             for j, i in enumerate(range(sl.start, sl.stop)):
                 fw.append(_pair_metrics(pairs["labels1"][i], pairs["labels2"][i], pos[j], label_ids))
                 bw.append(_pair_metrics(pairs["labels2"][i], pairs["labels1"][i], neg[j], label_ids))
@@ -200,17 +180,17 @@ def plot_examples(examples, path):
 # ------------------------------------------------------------------------------------------------------------
 # per-pair λ choice under a folding budget (register.py --max-folds)
 # ------------------------------------------------------------------------------------------------------------
-def choose_lambda(model, moving, fixed, max_folds, lambdas=None, similarity=None):
+def choose_lambda(model, moving, fixed, max_folds, lambdas=None):
     """Smallest-regularisation λ whose warp keeps % folds ≤ ``max_folds`` for this pair. Accuracy rises as λ
     falls (less regularisation) while folding grows, so the best admissible λ is the smallest one under the
     budget; we scan a fine grid (41 values) from 0 upwards and stop at the first admissible λ. Returns
     ``(lam, folds, outputs)``."""
     from . import metrics
+    from .networks.hyper import register
 
     lambdas = np.linspace(0.0, 1.0, 41) if lambdas is None else lambdas
-    reg = registration_model(model)
     for lam in lambdas:
-        out = register_batch(reg, moving[None, ..., None], fixed[None, ..., None], lam)
+        out = register(model, moving, fixed, lam)
         folds = metrics.folding_fraction(metrics.jacobian_determinant(out[1][0]))
         if folds <= max_folds:
             return float(lam), float(folds), out

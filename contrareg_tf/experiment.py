@@ -119,6 +119,7 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
     """Evaluate each run over the 17 λ; write ``<method>.csv``, ``table1.md/csv``, ``fig3.png``,
     ``fig2.png``; returns Table 1 as Markdown."""
     from . import evaluation
+    from .networks.hyper import register
     from .training import load_trained
 
     os.makedirs(out_dir, exist_ok=True)
@@ -138,9 +139,7 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
         evaluation.write_csv(rows, os.path.join(out_dir, f"{name.replace(' ', '_')}.csv"))
         results[name] = rows
         best = evaluation.select_lambda(rows, budget) or rows[0]
-        reg = evaluation.registration_model(model)
-        moved, _, _ = evaluation.register_batch(reg, pairs["img2"][:1, ..., None], pairs["img1"][:1, ..., None],
-                                                best["lambda"])
+        moved, _, _ = register(model, pairs["img2"][0], pairs["img1"][0], best["lambda"])
         examples[f"{name} λ={best['lambda']:.3g}"] = dict(fixed=pairs["img1"][0], moving=pairs["img2"][0],
                                                           moved=moved[0, ..., 0], target_t2=pairs["target_t2"][0])
     before = evaluation.dice_before(pairs)

@@ -48,8 +48,8 @@ def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modal
     """Register numpy arrays (same shape) with a λ-conditioned model; crop/pad to the model's grid and back."""
     from . import metrics
     from .data.io import check_same_shape, uncrop
-    from .evaluation import choose_lambda, register_batch, registration_model
-    from .networks.hyper import warp
+    from .evaluation import choose_lambda
+    from .networks.hyper import register, warp
 
     check_same_shape(fixed, moving, ("fixed", "moving"))
     if moving_labels is not None:
@@ -70,8 +70,7 @@ def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modal
     src, trg = (m, f) if moving_modality == "t2" else (f, m)
     if max_folds is not None:
         lam, _, _ = choose_lambda(model, src, trg, max_folds)
-    reg = registration_model(model)
-    y_src, pos, neg = register_batch(reg, src[None, ..., None], trg[None, ..., None], lam)
+    y_src, pos, neg = register(model, src, trg, lam)
     if moving_modality == "t2":
         fwd, inv = pos[0], neg[0]
         moved = y_src[0, ..., 0]

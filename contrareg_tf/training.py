@@ -314,7 +314,7 @@ def _heads_container(heads):
 def load_trained(run_dir, inshape=None):
     """Rebuild a trained λ-conditioned model from ``run_dir`` (config.json + model.h5). ``inshape`` lets a
     fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``."""
-    from .networks.hyper import build_hyper_vxm
+    from .networks.hyper import build_hyper_vxm, load_registration_weights
 
     cfg_path = os.path.join(run_dir, "config.json")
     w_path = os.path.join(run_dir, "model.h5")
@@ -329,10 +329,7 @@ def load_trained(run_dir, inshape=None):
     if inshape is not None:
         cfg = dataclasses.replace(cfg, inshape=tuple(inshape))
     model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
-    try:
-        model.load_weights(w_path)
-    except (ValueError, OSError) as e:
-        raise ContraRegInputError(f"{w_path}: weights do not match the model in config.json ({e})") from None
+    load_registration_weights(model, w_path)
     return model, meta
 
 

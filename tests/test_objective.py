@@ -5,7 +5,8 @@ import tensorflow as tf
 
 from contrareg_tf.config import PAPER
 from contrareg_tf.errors import ContraRegInputError
-from contrareg_tf.losses.objective import VelocityReg, alpha_for, hyper_loss, loss_weights, velocity_reg
+from contrareg_tf.losses.objective import (VelocityReg, alpha_for, hyper_loss, loss_weights, velocity_reg,
+                                          velocity_regulariser)
 
 
 def np_grad_l2(v):
@@ -23,6 +24,7 @@ def test_hyper_loss_matches_numpy_per_sample_lambda(alpha):
     want = np.mean([alpha * (1 - lam[b, 0]) * l_sim[b] + lam[b, 0] * l_reg[b] for b in range(4)])
     assert hyper_loss(lam, l_sim, l_reg, alpha).numpy() == pytest.approx(want, rel=1e-6)
     terms = hyper_loss(lam[:, 0], l_sim, l_reg, alpha, reduction="none").numpy()
+    np.testing.assert_array_equal(hyper_loss(lam, l_sim, l_reg, alpha, reduce=False).numpy(), terms)
     np.testing.assert_allclose(terms, alpha * (1 - lam[:, 0]) * l_sim + lam[:, 0] * l_reg, rtol=1e-6)
     # λ = 0 → pure similarity, λ = 1 → pure regularisation
     assert hyper_loss(np.zeros((4, 1)), l_sim, l_reg, alpha).numpy() == pytest.approx(alpha * l_sim.mean())
@@ -42,6 +44,9 @@ def test_alpha_switch():
         assert alpha_for(name) == PAPER.alpha_contrastive == 0.1
     for name in ["mi", "lmi", "mind", "ngf", "mse", "ncc", "dns"]:
         assert alpha_for(name) == 1.0
+    import dataclasses
+    cfg = dataclasses.replace(PAPER, alpha_contrastive=0.3)
+    assert alpha_for("mcr", cfg) == 0.3 and alpha_for("mi", cfg) == 1.0
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -60,6 +65,7 @@ def test_grad_reg_equals_vxm_grad_and_numpy(ndim):
         assert peer.size == 1 and ours[b] == pytest.approx(float(peer[0]), rel=1e-5)
     np.testing.assert_allclose(np.asarray(vxm.losses.Grad("l1").loss(None, tf.constant(v))),
                                velocity_reg(v, "l1").numpy(), rtol=1e-5)
+    np.testing.assert_allclose(velocity_regulariser("l2")(v).numpy(), ours, rtol=1e-6)
     np.testing.assert_allclose(VelocityReg("norm").loss(None, v).numpy(),
                                np.mean(v.astype(np.float64) ** 2, axis=tuple(range(1, ndim + 2))), rtol=1e-5)
 
@@ -71,7 +77,7 @@ def test_constant_field_has_zero_smoothness_but_nonzero_norm():
 
 
 def test_loss_weights_reproduce_hyper_loss():
-    """Keras drop-in weights [½α(1−λ), ½α(1−λ), λ] on [d12, d21, reg] = hyper_loss with L_sim = ½(d12+d21)."""
+    """Keras drop-in weights [½α(1−λ), ½α(1−λ), λ] on [d12, d21, reg] = hyper_loss, L_sim = ½(d12+d21)."""
     lam, alpha = 0.125, alpha_for("mcr")
     d12, d21, reg = 3.0, 5.0, 0.2
     w = loss_weights(lam, alpha)
@@ -91,5 +97,7 @@ def test_bad_inputs_raise():
         hyper_loss(np.ones((2, 1)) * 0.5, 1.0, np.ones(2))
     with pytest.raises(ContraRegInputError, match="penalty"):
         velocity_reg(np.zeros((1, 4, 4, 2)), "l3")
+    with pytest.raises(ContraRegInputError, match="penalty"):
+        velocity_regulariser("l3")
     with pytest.raises(ContraRegInputError, match="lam"):
         loss_weights(-0.1)

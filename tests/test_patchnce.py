@@ -306,6 +306,30 @@ def test_gradients_reach_registration_net_and_heads_not_autoencoders():
     assert flow and np.abs(flow[0].numpy()).max() > 0
 
 
+def test_seed_modes_global_rng_and_shared_generator():
+    a1 = tiny_ae(2, 32, 0)
+    f1 = mlp_heads([4, 6, 8], seed=1)
+    x = smooth_image(2, 32)
+
+    def idx(nce):
+        return [s["idx"].numpy() for s in nce.compute(x, x, return_samples=True)[1]]
+
+    nce = PatchNCE(a1, f1, a1, f1, num_patches=8)           # seed=None: TF's global RNG
+    tf.random.set_seed(11)
+    first = idx(nce)
+    tf.random.set_seed(11)
+    assert all(np.array_equal(u, v) for u, v in zip(first, idx(nce)))
+    assert not all(np.array_equal(u, v) for u, v in zip(first, idx(nce)))   # advances between calls
+    gen = tf.random.Generator.from_seed(3)                 # shared generator: state is resumable
+    state = gen.state.numpy()
+    first = idx(PatchNCE(a1, f1, a1, f1, num_patches=8, seed=gen))
+    gen.reset_from_seed(3)
+    assert np.array_equal(gen.state.numpy(), state)
+    assert all(np.array_equal(u, v) for u, v in zip(first, idx(PatchNCE(a1, f1, a1, f1, num_patches=8, seed=gen))))
+    with pytest.raises(ContraRegInputError, match="seed"):
+        PatchNCE(a1, f1, a1, f1, seed="x")
+
+
 def test_bidirectional_is_mean_of_directions():
     a1, a2 = tiny_ae(2, 32, 0), tiny_ae(2, 32, 1)
     f1, f2 = mlp_heads([4, 6, 8], seed=1), mlp_heads([4, 6, 8], seed=2)

@@ -19,10 +19,10 @@ CONTRASTIVE = ("cr", "mcr")
 PENALTIES = ("l2", "l1", "norm")
 
 
-def alpha_for(loss_name):
-    """α on L_sim: ``PAPER.alpha_contrastive`` if the loss is CR / mCR (any '+'-variant), else 1.0."""
+def alpha_for(loss_name, cfg=PAPER):
+    """α on L_sim: ``cfg.alpha_contrastive`` (0.1) if the loss is CR / mCR (any '+'-variant), else 1.0."""
     base = re.split(r"[+_\-\s]", str(loss_name).strip().lower())[0]
-    return PAPER.alpha_contrastive if base in CONTRASTIVE else 1.0
+    return cfg.alpha_contrastive if base in CONTRASTIVE else 1.0
 
 
 def velocity_reg(v, penalty=PAPER.reg_penalty):
@@ -47,6 +47,11 @@ def velocity_reg(v, penalty=PAPER.reg_penalty):
     return tf.add_n(per_axis) / len(per_axis)
 
 
+def velocity_regulariser(penalty=PAPER.reg_penalty):
+    """``v -> (B,)`` callable for ``penalty`` (validated now, not at the first call)."""
+    return VelocityReg(penalty).loss_fn
+
+
 class VelocityReg:
     """Keras-loss form of :func:`velocity_reg`: ``VelocityReg('l2').loss(_, v)`` → (B,)."""
 
@@ -57,6 +62,9 @@ class VelocityReg:
 
     def loss(self, _, y_pred):
         return velocity_reg(y_pred, self.penalty)
+
+    def loss_fn(self, v):
+        return velocity_reg(v, self.penalty)
 
 
 def _check_lambda(lam, b):
@@ -73,9 +81,11 @@ def _check_lambda(lam, b):
     return lam
 
 
-def hyper_loss(lam, l_sim, l_reg, alpha=1.0, reduction="mean"):
+def hyper_loss(lam, l_sim, l_reg, alpha=1.0, reduction="mean", reduce=None):
     """mean_b [ α (1 − λ_b) L_sim,b + λ_b L_reg,b ] (paper §2); lam (B, 1) or (B,), losses (B,).
-    reduction='none' returns the (B,) terms."""
+    reduction='none' (or reduce=False) returns the (B,) terms."""
+    if reduce is not None:
+        reduction = "mean" if reduce else "none"
     l_sim = tf.convert_to_tensor(l_sim, tf.float32)
     l_reg = tf.convert_to_tensor(l_reg, tf.float32)
     if l_sim.shape.rank != 1 or l_reg.shape.rank != 1:

@@ -22,8 +22,8 @@ subject) as extra negatives; RandAE = randomly initialised frozen autoencoders p
 Static shapes with variable foreground counts: top-k over (random score + bonus on foreground) and a
 ``valid`` flag per pick; invalid picks are neither queries nor negatives.
 
-``L_sim = ½ (d12(I1 ‖ I2∘φ) + d21(I2 ‖ I1∘φ⁻¹))`` is :func:`bidirectional_patchnce`; voxelmorph users pass
-``PatchNCE(A1, F1, A2, F2).loss`` and ``PatchNCE(A2, F2, A1, F1).loss`` to ``compile`` and wrap the model
+``L_sim = ½ (d12(I1 ‖ I2∘φ) + d21(I2 ‖ I1∘φ⁻¹))`` is :func:`bidirectional_patchnce`; voxelmorph users
+pass ``PatchNCE(A1, F1, A2, F2).loss`` and ``PatchNCE(A2, F2, A1, F1).loss`` to ``compile`` and wrap the model
 with :func:`attach_heads` so that ``fit`` trains the heads too.
 """
 import numpy as np
@@ -135,7 +135,9 @@ class PatchNCE:
     sides); heads_fixed / heads_moved: lists of callables ``(N, C_k) -> (N, D)`` (outputs are L2-normalised
     again here when ``normalize``). nb_layers: number of feature layers used (default: len(heads)).
     freeze_autoencoders: set ``trainable=False`` on Keras autoencoders (False for SupPretrain).
-    seed: int for a reproducible tf.random.Generator (else non-deterministic).
+    seed: None → TF's global RNG (``tf.random.uniform``, follows ``tf.random.set_seed``); int → an own
+    ``tf.random.Generator.from_seed(seed)``; or a shared ``tf.random.Generator`` (checkpoint it for an
+    exact resume).
     """
 
     def __init__(self, ae_fixed, heads_fixed, ae_moved, heads_moved, num_patches=PAPER.num_patches,
@@ -160,8 +162,9 @@ class PatchNCE:
             for ae in (ae_fixed, ae_moved):
                 if isinstance(ae, tf.Module) and hasattr(ae, "trainable"):
                     ae.trainable = False
-        self.rng = (tf.random.Generator.from_seed(seed) if seed is not None
-                    else tf.random.Generator.from_non_deterministic_state())
+        if not (seed is None or isinstance(seed, (int, np.integer, tf.random.Generator))):
+            raise ContraRegInputError(f"{name}: seed must be None, an int or a tf.random.Generator, got {seed!r}")
+        self.rng = tf.random.Generator.from_seed(int(seed)) if isinstance(seed, (int, np.integer)) else seed
         self.__name__ = name  # Keras names the loss metric after this
 
     # -- pieces
@@ -188,9 +191,9 @@ class PatchNCE:
     def _features(self, ae, x, arg):
         outs = ae(x, training=False) if (self.frozen and isinstance(ae, tf.keras.layers.Layer)) else ae(x)
         if not isinstance(outs, (list, tuple)) or len(outs) < self.nb_layers + 1:
+            got = f"{len(outs)} outputs" if isinstance(outs, (list, tuple)) else type(outs).__name__
             raise ContraRegInputError(f"{self.name}: the autoencoder applied to {arg} must return "
-                                      f"[recon, f1, .., f{self.nb_layers}], got "
-                                      f"{type(outs).__name__} of length {len(outs) if isinstance(outs, (list, tuple)) else 1}")
+                                      f"[recon, f1, .., f{self.nb_layers}], got {got}")
         return list(outs[1:1 + self.nb_layers])
 
     def _project(self, head, feat, idx):
@@ -281,12 +284,12 @@ def bidirectional_patchnce(d12, d21, i1, i2_moved, i2, i1_moved, masks12=None, m
 
 class BidirectionalPatchNCE:
     """Holds d12 = PatchNCE(A1, F1, A2, F2) and d21 = PatchNCE(A2, F2, A1, F1) (same kwargs; a given
-    ``seed`` seeds d12 with seed and d21 with seed + 1); calling it gives L_sim per sample (B,)."""
+    int ``seed`` seeds d12 with seed and d21 with seed + 1); calling it gives L_sim per sample (B,)."""
 
     def __init__(self, ae1, heads1, ae2, heads2, seed=None, **kwargs):
         self.d12 = PatchNCE(ae1, heads1, ae2, heads2, seed=seed, name="d12", **kwargs)
-        self.d21 = PatchNCE(ae2, heads2, ae1, heads1, seed=None if seed is None else seed + 1, name="d21",
-                            **kwargs)
+        seed21 = seed + 1 if isinstance(seed, (int, np.integer)) else seed
+        self.d21 = PatchNCE(ae2, heads2, ae1, heads1, seed=seed21, name="d21", **kwargs)
 
     @property
     def trainable_variables(self):

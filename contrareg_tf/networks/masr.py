@@ -286,10 +286,10 @@ def build_masr(ndim, widths=DNS_WIDTHS, feat_channels=DNS_FEAT_CHANNELS, dilatio
 # --------------------------------------------------------------------------------------------------------------
 def check_image(image, ndim=None, name="image"):
     """(B, *vol, 1) float32 tensor, finite, spatial sizes divisible by 8, else ContraRegInputError.
-    Also accepts an unbatched (*vol,) or (*vol, 1) array when ``ndim`` is given."""
+    Also accepts a bare (*vol,) array when ``ndim`` is given."""
     x = np.asarray(image) if not tf.is_tensor(image) else image
     shape = tuple(x.shape)
-    if ndim is not None and len(shape) in (ndim, ndim + 1) and (len(shape) == ndim or shape[-1] == 1):
+    if ndim is not None and len(shape) == ndim:
         x = tf.reshape(tf.cast(x, tf.float32), (1,) + shape[:ndim] + (1,))
         shape = tuple(x.shape)
     if len(shape) not in (4, 5) or shape[-1] != 1:

@@ -1,0 +1,130 @@
+"""DNS similarity loss (losses/dns.py): numerics against a numpy/scipy transcription, frozen network,
+gradients, contrast invariance (monotone remap vs shift) with random and shipped MASR-Net weights."""
+import os
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import tensorflow as tf
+
+from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf.losses import dns as D
+from contrareg_tf.networks import masr
+
+
+def np_smoothed_cosine(a, b, sigma, mask=None):
+    """mean_x cos(G_σ a, G_σ b) per sample; G_σ = scipy Gaussian, zero padding, radius round(3σ)."""
+    def g(x):
+        return np.stack([ndi.gaussian_filter(x[..., c], sigma, mode="constant", truncate=3.0)
+                         for c in range(x.shape[-1])], -1)
+    out = []
+    for i in range(a.shape[0]):
+        sa, sb = g(a[i].astype(np.float64)), g(b[i].astype(np.float64))
+        cos = (sa * sb).sum(-1) / np.sqrt((sa ** 2).sum(-1) * (sb ** 2).sum(-1))
+        out.append(cos.mean() if mask is None else cos[mask[i, ..., 0] > 0].mean())
+    return np.array(out)
+
+
+def phantom(shape, seed=0):
+    """Piecewise-smooth 'anatomy' in [0, 1]: smoothed noise quantised into 4 tissue levels + blur."""
+    rng = np.random.default_rng(seed)
+    f = ndi.gaussian_filter(rng.normal(size=shape), 2.5)
+    q = np.digitize(f, np.quantile(f, [0.25, 0.5, 0.75])).astype(np.float64)
+    img = ndi.gaussian_filter(np.array([0.1, 0.8, 0.4, 0.6])[q.astype(int)], 0.7)
+    return ((img - img.min()) / (img.max() - img.min())).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def models():
+    tf.keras.utils.set_random_seed(0)
+    return {2: masr.build_masr(2), 3: masr.build_masr(3)}
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.0])
+@pytest.mark.parametrize("shape", [(2, 16, 24, 5), (1, 8, 16, 8, 3)])
+def test_descriptor_similarity_matches_numpy(shape, sigma):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=shape).astype(np.float32)
+    b = a + rng.normal(size=shape).astype(np.float32)
+    got = D.descriptor_similarity(a, b, sigma).numpy()
+    assert got.shape == (shape[0],)
+    np.testing.assert_allclose(got, np_smoothed_cosine(a, b, sigma), atol=1e-5)
+    mask = (rng.random(shape[:-1] + (1,)) > 0.5).astype(np.float32)
+    got_m = D.descriptor_similarity(a, b, sigma, mask=mask).numpy()
+    np.testing.assert_allclose(got_m, np_smoothed_cosine(a, b, sigma, mask), atol=1e-5)
+
+
+def test_loss_identity_and_range(models):
+    x = np.stack([phantom((32, 32), s) for s in (1, 2)])[..., None]
+    loss = D.DNS(models[2]).loss(x, x).numpy()
+    assert loss.shape == (2,)
+    np.testing.assert_allclose(loss, -1.0, atol=1e-5)
+    y = x[:, ::-1].copy()
+    l2 = D.DNS(models[2]).loss(x, y).numpy()
+    assert (l2 > -1.0 + 1e-3).all() and (l2 <= 1.0).all()
+    # functional form, Keras-loss call form and per-sample independence
+    np.testing.assert_allclose(D.dns_loss(x, y, models[2]).numpy(), l2, atol=1e-6)
+    np.testing.assert_allclose(D.DNS(models[2])(x[:1], y[:1]).numpy(), l2[:1], atol=1e-6)
+
+
+def test_frozen_network_gradient_to_moved_image(models):
+    loss = D.DNS(models[2])
+    assert loss.model_for(2).trainable_variables == []
+    x = tf.constant(phantom((32, 32), 3)[None, ..., None])
+    y = tf.Variable(phantom((32, 32), 4)[None, ..., None])
+    with tf.GradientTape() as tape:
+        val = tf.reduce_sum(loss.loss(x, y))
+    g = tape.gradient(val, y)
+    assert g is not None and float(tf.reduce_max(tf.abs(g))) > 0
+    # one gradient step on the moved image lowers the loss (descent direction is valid)
+    y2 = y - 5.0 * g / float(tf.reduce_max(tf.abs(g)))
+    assert float(loss.loss(x, y2)[0]) < float(val)
+
+
+def test_input_errors(models, tmp_path):
+    loss = D.DNS(models[2])
+    with pytest.raises(ContraRegInputError, match="2-D but the images are 3-D"):
+        loss.loss(np.zeros((1, 16, 16, 16, 1), np.float32), np.zeros((1, 16, 16, 16, 1), np.float32))
+    with pytest.raises(ContraRegInputError, match="divisible by 8"):
+        loss.loss(np.zeros((1, 20, 16, 1), np.float32), np.zeros((1, 20, 16, 1), np.float32))
+    with pytest.raises(ContraRegInputError, match="MASR-Net"):
+        D.DNS(tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))]))
+    with pytest.raises(ContraRegInputError, match="smooth_sigma"):
+        D.DNS(models[2], smooth_sigma=-1)
+    with pytest.raises(ContraRegInputError, match="descriptor shapes differ"):
+        D.descriptor_similarity(np.zeros((1, 8, 8, 3)), np.zeros((1, 8, 16, 3)))
+    # a path works like the model it stores
+    p = masr.save_masr(models[2], tmp_path / "m.h5")
+    x = phantom((32, 32), 5)[None, ..., None]
+    y = phantom((32, 32), 6)[None, ..., None]
+    np.testing.assert_allclose(D.DNS(p).loss(x, y).numpy(), D.DNS(models[2]).loss(x, y).numpy(), atol=1e-6)
+
+
+def test_similarity_registry_builds_dns(models):
+    """``--loss dns`` path: BidirSimilarity('dns', dns_model=...) gives per-sample terms."""
+    from contrareg_tf.losses.similarity import BidirSimilarity
+
+    sim = BidirSimilarity("dns", dns_model=models[2])
+    x = np.stack([phantom((32, 32), s) for s in (7, 8)])[..., None]
+    out = sim(x, x, x, x)
+    assert out["sim"].shape == (2,)
+    np.testing.assert_allclose(out["sim"].numpy(), -1.0, atol=1e-5)
+
+
+def _remap_vs_shift(loss, img, shift):
+    """(loss vs a monotone non-linear remap of img, loss vs a shifted copy of img)."""
+    x = img[None, ..., None]
+    remap = (1.0 - img) ** 2                         # inverted, non-linear, one-to-one on [0, 1]
+    shifted = np.roll(img, shift, axis=tuple(range(len(shift))))
+    return (float(loss.loss(x, remap[None, ..., None])[0]), float(loss.loss(x, shifted[None, ..., None])[0]))
+
+
+@pytest.mark.parametrize("ndim,shape,shift", [(2, (64, 64), (3, 2)), (3, (32, 32, 32), (2, 2, 0))])
+def test_contrast_invariance_shipped_weights(ndim, shape, shift):
+    path = D.default_weights_path(ndim)
+    if not os.path.isfile(path):
+        pytest.skip(f"no shipped weights at {path}")
+    loss = D.DNS()                                   # default: loads the shipped weights by dimensionality
+    l_remap, l_shift = _remap_vs_shift(loss, phantom(shape, 10), shift)
+    assert loss.model_for(ndim).masr_config["ndim"] == ndim
+    assert l_remap < l_shift
