@@ -213,7 +213,8 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
     """Return ``(f_fixed, f_moving)``, callables (B,*vol,1) → (B,*vol,C).
 
     ``features``: 'mindssc' (dilation = mind_distance, radius = mind_patch // 2), 'mind', 'dns'
-    (``dns_model``: a MASR-Net Keras model or a path, via ``contrareg_tf.losses.dns.dns_features``), 'ae'
+    (``dns_model``: a MASR-Net Keras model or a .h5 path, default the shipped ``models/dns_proxy{2,3}d.h5``;
+    descriptors by ``networks.masr.dns_features``, L2-normalised, sizes divisible by 8), 'ae'
     (``ae_models=(A1, A2)``: T1w and T2w autoencoders, models or .h5 paths; A1 is applied to the image whose
     modality is T1w: the moving one when ``moving_modality='t1'``), a callable used for both images, or a
     pair of callables (fixed, moving)."""
@@ -239,6 +240,15 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
             from .networks.masr import load_masr
             return load_masr(p, ndim)
 
+        if dns_model is None:  # the shipped weights for this dimensionality (losses/dns.py), if present
+            import os
+
+            from .losses.dns import default_weights_path
+
+            if not os.path.isfile(default_weights_path(ndim)):
+                raise ContraRegInputError(f"features 'dns' need a MASR-Net model (dns_model=path or Keras "
+                                          f"model); no shipped {ndim}-D weights at {default_weights_path(ndim)}")
+            dns_model = default_weights_path(ndim)
         model = _load_model(dns_model, _load, "dns")
         f = lambda x: dns_features(x, model)  # noqa: E731
         return f, f

@@ -113,8 +113,14 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
     bar = tqdm(range(start, iters), initial=start, total=iters, desc=desc, disable=not progress,
                dynamic_ncols=True)
     for step in bar:
-        terms = step_fn(_distribute(strategy, batch_fn(step)))
-        terms = {k: float(v) for k, v in terms.items()}
+        try:
+            terms = step_fn(_distribute(strategy, batch_fn(step)))
+            terms = {k: float(v) for k, v in terms.items()}
+        except tf.errors.InvalidArgumentError as e:
+            # a NaN velocity turns into out-of-range gather indices inside vxm's interpolation
+            if "indices" not in str(e) and "NaN" not in str(e) and "Inf" not in str(e):
+                raise
+            terms = {"loss": float("nan")}
         if not all(math.isfinite(v) for v in terms.values()):
             last = manager.latest_checkpoint or "none (no checkpoint was written yet)"
             bar.close()
@@ -241,7 +247,7 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
     from .losses.objective import alpha_for, velocity_regulariser
     from .losses.similarity import is_contrastive
 
-    iters = int(iters or cfg.iters)
+    iters = int(cfg.iters if iters is None else iters)
     lr = float(lr or cfg.lr)
     batch_size = int(batch_size or cfg.batch_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -251,6 +257,7 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
     set_mixed_precision(mixed_precision)
     strat = get_strategy(strategy)
     ext = "extnegs" in loss_name
+    tf.keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed (exact resume / re-runs)
     with strat.scope():
         model, heads1, heads2, sim = build_components(cfg, loss_name, ae1, ae2, rand_ae, conditioning, dns_model)
         optimizer = tf.keras.optimizers.Adam(lr)
@@ -307,7 +314,7 @@ def save_trained(out_dir, model, heads1=None, heads2=None):
 
 
 def _heads_container(heads):
-    ins = [tf.keras.Input(h.input_shape[1:]) for h in heads]
+    ins = [tf.keras.Input((h.in_channels,)) for h in heads]
     return tf.keras.Model(ins, [h(x) for h, x in zip(heads, ins)])
 
 
@@ -369,12 +376,13 @@ def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, 
 
     images = np.asarray(images, np.float32)
     ndim = images.ndim - 1
-    iters = int(iters or cfg.iters)
+    iters = int(cfg.iters if iters is None else iters)
     batch_size = int(batch_size or cfg.batch_size)
     seed = cfg.seed if seed is None else seed
     crop = tuple(min(c, s) for c, s in zip(cfg.ae_crop, images.shape[1:]))
     work = os.path.splitext(out_path)[0] + "_work"
     os.makedirs(work, exist_ok=True)
+    tf.keras.utils.set_random_seed(seed)
     ae = build_autoencoder(ndim, filters=cfg.ae_filters, nb_features=cfg.ae_nb_feature_layers, name=f"ae_{modality}")
     opt = tf.keras.optimizers.Adam(lr)
     opt.build(ae.trainable_variables)
@@ -412,9 +420,10 @@ def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=1e-4, batch_
 
     t1, t2 = np.asarray(arrays["t1"], np.float32), np.asarray(arrays["t2"], np.float32)
     ndim = t1.ndim - 1
-    iters = int(iters or cfg.iters)
+    iters = int(cfg.iters if iters is None else iters)
     batch_size = int(batch_size or cfg.batch_size)
     os.makedirs(out_dir, exist_ok=True)
+    tf.keras.utils.set_random_seed(cfg.seed)
     ae1 = build_autoencoder(ndim, filters=cfg.ae_filters, nb_features=cfg.ae_nb_feature_layers, name="ae_t1")
     ae2 = build_autoencoder(ndim, filters=cfg.ae_filters, nb_features=cfg.ae_nb_feature_layers, name="ae_t2")
     chans = feature_channels(cfg.ae_filters, cfg.ae_nb_feature_layers)

@@ -39,7 +39,8 @@ def parse(argv):
     p.add_argument("--fixed", required=True, help="fixed image (.nii / .nii.gz)")
     p.add_argument("--moving", required=True, help="moving image (.nii / .nii.gz)")
     p.add_argument("--features", default="mindssc", choices=("mindssc", "mind", "dns", "ae"))
-    p.add_argument("--dns-model", help="MASR-Net weights (.h5, train_scripts/train_dns.py) for --features dns")
+    p.add_argument("--dns-model", help="MASR-Net weights (.h5, train_scripts/train_dns.py) for --features dns "
+                   "(default: the shipped models/dns_proxy{2,3}d.h5)")
     p.add_argument("--ae1", help="T1w autoencoder A1 weights (.h5) for --features ae")
     p.add_argument("--ae2", help="T2w autoencoder A2 weights (.h5) for --features ae")
     p.add_argument("--moving-modality", default="t1", choices=("t1", "t2"),
@@ -110,7 +111,7 @@ def main(argv=None):
     given = [p for p in outs.values() if p]
     if len(set(map(os.path.abspath, given))) != len(given):
         raise ContraRegInputError("two outputs name the same file")
-    if a.features == "dns":
+    if a.features == "dns" and a.dns_model is not None:
         _check_file(a.dns_model, "--dns-model")
     if a.features == "ae":
         _check_file(a.ae1, "--ae1")
@@ -131,7 +132,7 @@ def main(argv=None):
     if not a.no_normalize:
         fx, mv = normalize_intensity(fx), normalize_intensity(mv)
     kw = {}
-    if a.features == "dns":
+    if a.features == "dns" and a.dns_model is not None:
         kw["dns_model"] = a.dns_model
     if a.features == "ae":
         kw.update(ae_models=(a.ae1, a.ae2), moving_modality=a.moving_modality)

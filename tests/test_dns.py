@@ -128,3 +128,13 @@ def test_contrast_invariance_shipped_weights(ndim, shape, shift):
     l_remap, l_shift = _remap_vs_shift(loss, phantom(shape, 10), shift)
     assert loss.model_for(ndim).masr_config["ndim"] == ndim
     assert l_remap < l_shift
+
+
+def test_loss_inside_tf_function(models):
+    """The training loops call the loss inside ``tf.function`` (unknown batch size)."""
+    loss = D.DNS(models[2])
+    x = np.stack([phantom((32, 32), s) for s in (11, 12)])[..., None]
+    y = np.roll(x, 2, axis=1)
+    spec = tf.TensorSpec((None, 32, 32, 1), tf.float32)
+    f = tf.function(loss.loss, input_signature=[spec, spec])
+    np.testing.assert_allclose(f(x, y).numpy(), loss.loss(x, y).numpy(), atol=1e-6)

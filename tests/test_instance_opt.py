@@ -191,6 +191,22 @@ def test_callable_and_pair_features_and_ae_provider():
                                atol=1e-5)
 
 
+def test_dns_provider_with_masr_model():
+    from contrareg_tf.networks import masr
+
+    model = masr.build_masr(2)
+    _, _, fix, mov, _ = make_pair((32, 32), 2.0)
+    ff, fm = IO.feature_provider("dns", ndim=2, dns_model=model)
+    x = fix[None, ..., None]
+    d = ff(x).numpy()
+    np.testing.assert_allclose(d, masr.dns_features(x, model).numpy(), atol=1e-6)
+    assert d.shape == (1, 32, 32, 24)
+    np.testing.assert_allclose(np.linalg.norm(d, axis=-1), 1.0, atol=1e-4)  # L2-normalised descriptor
+    res = IO.instance_optimise(x, mov[None, ..., None], features="dns", dns_model=model, iters=(5, 3, 2),
+                               progress=False)
+    assert np.isfinite(res.disp).all() and res.history[0]["sim"].shape == (1, 5)
+
+
 def test_bad_inputs_raise():
     a = np.random.default_rng(0).random((1, 16, 16, 1)).astype(np.float32)
     with pytest.raises(ContraRegInputError, match="shape mismatch"):
@@ -209,8 +225,8 @@ def test_bad_inputs_raise():
         IO.instance_optimise(a, a, features="sift", progress=False)
     with pytest.raises(ContraRegInputError, match="ae"):
         IO.instance_optimise(a, a, features="ae", progress=False)
-    with pytest.raises(ContraRegInputError, match="dns"):
-        IO.instance_optimise(a, a, features="dns", progress=False)
+    with pytest.raises(ContraRegInputError, match="not found"):
+        IO.instance_optimise(a, a, features="dns", dns_model="/nonexistent/masr.h5", progress=False)
 
 
 # --------------------------------------------------------------------------------------------- CLI

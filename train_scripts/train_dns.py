@@ -6,8 +6,11 @@ descriptors of an image and its augmented copy at N sampled foreground locations
 Writes ``--out`` (.h5 weights with the build config inside) and a JSON model card next to it
 (``<out>.json``: data, preset, iterations, losses, time, command).
 
-Example (the shipped 3-D weights, see models/DNS_MODEL_CARD.md):
-    python train_scripts/train_dns.py --preset small3d --iters 150 --out models/dns_proxy3d.h5
+The shipped weights (models/DNS_MODEL_CARD.md) were made with
+    python train_scripts/train_dns.py --preset cpu-demo --iters 5000 --max-minutes 8 --no-progress \
+        --out models/dns_proxy2d.h5
+    python train_scripts/train_dns.py --preset small3d --crop 32 32 32 --iters 5000 --max-minutes 10 \
+        --no-progress --out models/dns_proxy3d.h5
 """
 import argparse
 import os
