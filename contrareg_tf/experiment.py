@@ -101,8 +101,8 @@ def train_method(cfg, loss, out, data=None, **kw):
 
     desc = resolve_data(cfg, data)
     arr = split_arrays(desc, "train", cfg)
-    return train_hyper(cfg, loss, out, {"t1": arr["t1"], "t2": arr["t2"], "mask1": arr["mask"],
-                                        "mask2": arr["mask"]}, **kw)
+    return train_hyper(cfg, loss, out, {"t1": arr["t1"], "t2": arr["t2"], "mask1": arr["mask1"],
+                                        "mask2": arr["mask2"]}, **kw)
 
 
 def shipped_autoencoders(cfg):

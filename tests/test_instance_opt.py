@@ -92,6 +92,33 @@ def test_level_shapes_geometric_half_to_full():
     assert IO.level_shapes((64, 64), levels=2, min_scale=0.25) == [(16, 16), (64, 64)]
 
 
+def test_diffusion_matches_voxelmorph_grad():
+    import voxelmorph as vxm
+
+    for shape in [(2, 7, 9, 2), (2, 5, 6, 7, 3)]:
+        u = tf.random.stateless_normal(shape, seed=(1, 2))
+        np.testing.assert_allclose(IO.diffusion(u).numpy(), vxm.losses.Grad("l2").loss(None, u).numpy(),
+                                   rtol=1e-5)
+
+
+def test_similarity_term_at_identity_matches_numpy():
+    # levels=1: the first recorded similarity is at u = 0: 1 − mean cos of the σ-smoothed descriptors
+    _, _, fix, mov, _ = make_pair((24, 20), 3.0)
+    feat = lambda x: tf.concat([x, 1.0 - x, x * x], axis=-1)  # noqa: E731
+    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features=feat, levels=1, lrs=1e-2,
+                               iters=1, reg_weights=0.5, smooth_sigma=1.0, progress=False)
+
+    def np_feat(x):
+        f = np.stack([x, 1 - x, x * x], -1).astype(np.float64)
+        return np.stack([ndimage.gaussian_filter(f[..., c], 1.0, mode="nearest", truncate=3.0)
+                         for c in range(3)], -1)
+
+    a, b = np_feat(fix), np_feat(mov)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    np.testing.assert_allclose(res.history[0]["sim"][0, 0], 1 - cos.mean(), atol=1e-5)
+    assert res.history[0]["reg"][0, 0] == 0.0
+
+
 def test_warp_matches_scipy_nearest():
     lab, _, _, _, u = make_pair((24, 20), 3.0)
     out = IO.warp(lab[None, ..., None], u[None].astype(np.float32), interp="nearest")[0, ..., 0]

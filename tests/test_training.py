@@ -57,16 +57,18 @@ def test_resume_continues_exactly(tmp_path, arrays2d):
     cfg = get_preset("tiny2d")
     tf.config.experimental.enable_op_determinism()
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    h_full = training.train_hyper(cfg, "mi", full, arrays2d, iters=4, progress=False)
-    training.train_hyper(cfg, "mi", part, arrays2d, iters=2, progress=False)
-    h_res = training.train_hyper(cfg, "mi", part, arrays2d, iters=4, resume=True, progress=False)
+    # mCR: random PatchNCE locations too (their generator state is checkpointed)
+    kw = dict(rand_ae=True, progress=False)
+    h_full = training.train_hyper(cfg, "mcr", full, arrays2d, iters=4, **kw)
+    training.train_hyper(cfg, "mcr", part, arrays2d, iters=2, **kw)
+    h_res = training.train_hyper(cfg, "mcr", part, arrays2d, iters=4, resume=True, **kw)
     assert [h["step"] for h in h_res] == [3, 4]
     np.testing.assert_allclose(h_res[-1]["loss"], h_full[-1]["loss"], rtol=1e-5)
     for a, b in zip(_weights(full), _weights(part)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     # and the weights actually moved away from initialisation
     fresh = str(tmp_path / "fresh")
-    training.train_hyper(cfg, "mi", fresh, arrays2d, iters=0, progress=False)
+    training.train_hyper(cfg, "mcr", fresh, arrays2d, iters=0, **kw)
     assert any(not np.allclose(a, b) for a, b in zip(_weights(full), _weights(fresh)))
 
 

@@ -34,7 +34,7 @@ class BidirSimilarity:
     for d21) for mCR; ``ext`` = (ext1, ext2): another subject's T1w and T2w (ExtNegs negatives; d12's moved
     side is T2w so it takes ext2, d21's takes ext1)."""
 
-    def __init__(self, name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None):
+    def __init__(self, name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None, seed=None):
         _check_name(name)
         self.name = name
         parts = name.split("+")
@@ -50,7 +50,7 @@ class BidirSimilarity:
 
                 raise ContraRegInputError(f"loss {name!r} needs two autoencoders and two head sets")
             masked = self.base == "mcr"
-            kw = dict(num_patches=cfg.num_patches, tau=cfg.nce_tau, masked=masked)
+            kw = dict(num_patches=cfg.num_patches, tau=cfg.nce_tau, masked=masked, seed=seed)
             self.d12 = PatchNCE(ae1, heads1, ae2, heads2, **kw)
             self.d21 = PatchNCE(ae2, heads2, ae1, heads1, **kw)
         elif self.base == "mi":
