@@ -79,7 +79,7 @@ PRESETS = {
     "tiny2d": dataclasses.replace(
         PAPER, name="tiny2d", inshape=(32, 32), spacing=4.0, ch=8, nb_levels=3, num_patches=64,
         ae_crop=(32, 32), head_units=32, hyp_units=16, lr=1e-3, iters=4, ckpt_every=2, batch_size=2,
-        proxy_subjects=4, proxy_max_disp=2.0),
+        proxy_subjects=12, proxy_max_disp=2.0),
     "tiny3d": dataclasses.replace(
         PAPER, name="tiny3d", inshape=(16, 16, 16), spacing=8.0, ch=4, nb_levels=3, num_patches=32,
         ae_crop=(16, 16, 16), head_units=16, hyp_units=16, lr=1e-3, iters=2, ckpt_every=1,

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Time per training step of the λ-conditioned network for MI vs CR vs mCR (same network, same data) on a
+2-D and a small 3-D preset, with peak memory. Each (preset, loss) runs in its own process so that its peak
+RSS is its own. Prints a Markdown table; the paper reports (m)CR ≈ 1.15× the MI step (target here ≤ 1.05×).
+
+    python bench/bench_steps.py                       # cpu-demo (2-D) and small3d, 10 timed steps each
+    python bench/bench_steps.py --presets cpu-demo --steps 20 --losses mi cr mcr
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def worker(preset, loss, steps, warmup):
+    import numpy as np
+    import tensorflow as tf
+
+    from contrareg_tf import experiment, training
+    from contrareg_tf.config import get_preset
+    from contrareg_tf.losses.objective import alpha_for, velocity_regulariser
+
+    cfg = get_preset(preset)
+    arr = experiment.split_arrays(experiment.resolve_data(cfg), "train", cfg)
+    tf.keras.utils.set_random_seed(0)
+    rng = tf.random.Generator.from_seed(0)
+    model, _, _, sim = training.build_components(cfg, loss, rand_ae=True, rng=rng)
+    opt = tf.keras.optimizers.Adam(cfg.lr)
+    opt.build(model.trainable_variables + sim.trainable_variables)
+    strat = tf.distribute.get_strategy()
+    step = training.make_train_step(model, sim, velocity_regulariser(cfg.reg_penalty), alpha_for(loss, cfg), opt,
+                                    strat, cfg.batch_size)
+    sampler = training.PairSampler(arr["t1"], arr["t2"], arr["mask1"], arr["mask2"], cfg.batch_size, seed=0)
+    t0 = time.time()
+    for i in range(warmup):
+        float(step(training._distribute(strat, sampler.batch(i)))["loss"])
+    trace = time.time() - t0
+    times = []
+    for i in range(steps):
+        b = training._distribute(strat, sampler.batch(warmup + i))
+        t = time.time()
+        float(step(b)["loss"])
+        times.append(time.time() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB on Linux
+    return {"preset": preset, "loss": loss, "median_s": float(np.median(times)), "mean_s": float(np.mean(times)),
+            "first_steps_s": trace, "peak_rss_mib": peak, "shape": list(cfg.inshape), "batch": cfg.batch_size,
+            "ch": cfg.ch, "ns": cfg.num_patches}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["cpu-demo", "small3d"])
+    p.add_argument("--losses", nargs="+", default=["mi", "cr", "mcr"])
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        preset, loss = a.worker.split(":")
+        print("RESULT " + json.dumps(worker(preset, loss, a.steps, a.warmup)))
+        return
+    rows = []
+    for preset in a.presets:
+        for loss in a.losses:
+            cmd = [sys.executable, __file__, "--worker", f"{preset}:{loss}", "--steps", str(a.steps),
+                   "--warmup", str(a.warmup)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if r.returncode or not line:
+                print(f"{preset}/{loss} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(line[0][7:]))
+            print(f"  {preset:9s} {loss:4s} {rows[-1]['median_s']:.3f} s/step", file=sys.stderr)
+    print(f"| preset | shape | batch | ch | ns | loss | median s/step | ×MI | first {a.warmup} steps (trace) s | "
+          f"peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mi = [x for x in rows if x["preset"] == r["preset"] and x["loss"] == "mi"]
+        ratio = r["median_s"] / mi[0]["median_s"] if mi else float("nan")
+        print(f"| {r['preset']} | {'×'.join(map(str, r['shape']))} | {r['batch']} | {r['ch']} | {r['ns']} | "
+              f"{r['loss']} | {r['median_s']:.3f} | {ratio:.2f} | {r['first_steps_s']:.1f} | "
+              f"{r['peak_rss_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""End to end on the tiny preset: reproduce_table1 (train → 17-λ evaluation → Table 1 / figures), register.py
+(NIfTI headers kept, bad inputs fail cleanly before any output), eval_hyper.py, and Table-1 selection logic."""
+import csv
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from contrareg_tf import evaluation
+from contrareg_tf.config import LAMBDAS_17, get_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _row(lam, dice, folds):
+    return {"lambda": lam, "dice": dice, "dice_std": 0.0, "dice30": dice, "folds": folds, "sdlogj": 0.1}
+
+
+def test_seventeen_lambdas_dense_below_0p2():
+    assert len(LAMBDAS_17) == 17 and LAMBDAS_17[0] == 0.0 and LAMBDAS_17[-1] == 1.0
+    assert sum(lam < 0.2 for lam in LAMBDAS_17) > sum(lam >= 0.2 for lam in LAMBDAS_17) - 2
+    assert all(b > a for a, b in zip(LAMBDAS_17, LAMBDAS_17[1:]))
+
+
+def test_table1_picks_best_dice_under_fold_budget():
+    rows = [_row(0.0, 0.90, 2.0), _row(0.05, 0.85, 0.6), _row(0.1, 0.80, 0.4), _row(0.2, 0.82, 0.1),
+            _row(0.5, 0.70, 0.0)]
+    assert evaluation.select_lambda(rows)["lambda"] == 0.2          # best Dice among folds < 0.5
+    assert evaluation.select_lambda(rows, budget=1.0)["lambda"] == 0.05
+    assert evaluation.select_lambda([_row(0.0, 0.9, 3.0)]) is None
+    out, md = evaluation.table1({"A": rows, "B": [_row(0.0, 0.9, 3.0)]}, before=0.5)
+    assert [r["method"] for r in out] == ["A", "B"] and out[0]["lambda"] == 0.2
+    assert "no λ with folds" in md and "(before registration)" in md
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny end-to-end reproduction (2 methods, 2 iterations each) on the built-in proxy."""
+    from contrareg_tf import experiment
+
+    base = tmp_path_factory.mktemp("e2e")
+    os.environ["CONTRAREG_CACHE"] = str(base / "cache")
+    out = str(base / "table1")
+    md = experiment.reproduce_table1(get_preset("tiny2d"), out, methods=["mi", "mcr"], iters=2, ae_iters=2,
+                                     progress=False)
+    return out, md
+
+
+@pytest.mark.slow
+def test_reproduce_table1_writes_table_csvs_and_figures(tiny_run):
+    out, md = tiny_run
+    for m in ("mi", "mcr"):
+        with open(os.path.join(out, f"{m}.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 17 and [float(r["lambda"]) for r in rows] == list(LAMBDAS_17)
+        for r in rows:
+            assert 0.0 <= float(r["dice"]) <= 1.0 and 0.0 <= float(r["folds"]) <= 100.0
+    with open(os.path.join(out, "table1.csv")) as f:
+        assert [r["method"] for r in csv.DictReader(f)] == ["mi", "mcr"]
+    assert "| mi |" in md and "| mcr |" in md and "(before registration)" in md
+    for png in ("fig3.png", "fig2.png"):
+        with open(os.path.join(out, png), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.isfile(os.path.join(out, "ae_t1.h5")) and os.path.isfile(os.path.join(out, "ae_t1.json"))
+
+
+def _script(name, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, name), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=dict(os.environ))
+
+
+def _proxy_pair():
+    from contrareg_tf.data import dataset
+
+    cache = os.environ["CONTRAREG_CACHE"]
+    csvs = [os.path.join(r, f) for r, _, fs in os.walk(cache) for f in fs if f == "dataset.csv"]
+    subs = dataset.load_description(csvs[0]).subjects
+    return subs[0], subs[1]
+
+
+@pytest.mark.slow
+def test_register_cli_keeps_fixed_header_and_writes_outputs(tiny_run, tmp_path):
+    out, _ = tiny_run
+    a, b = _proxy_pair()
+    res = [str(tmp_path / n) for n in ("moved.nii.gz", "warp.nii.gz", "inv.nii.gz", "lab.nii.gz")]
+    r = _script("eval_scripts/register.py", "--model", os.path.join(out, "mcr"), "--fixed", a.t1, "--moving",
+                b.t2, "--lambda", "0.1", "--moved", res[0], "--warp", res[1], "--inverse-warp", res[2],
+                "--moving-labels", b.labels, "--moved-labels", res[3])
+    assert r.returncode == 0, r.stderr[-2000:]
+    fixed = nib.load(a.t1)
+    for p in res:
+        img = nib.load(p)
+        np.testing.assert_allclose(img.affine, fixed.affine)
+        assert img.shape[:2] == fixed.shape[:2]
+    assert nib.load(res[1]).shape == fixed.shape[:2] + (2,)
+    assert set(np.unique(np.asarray(nib.load(res[3]).dataobj))) <= {0, 1, 2, 3}
+    # the per-pair folding budget mode picks a λ and says so
+    r = _script("eval_scripts/register.py", "--model", os.path.join(out, "mcr"), "--fixed", a.t1, "--moving",
+                b.t2, "--max-folds", "0.5", "--moved", str(tmp_path / "m2.nii.gz"))
+    assert r.returncode == 0 and "λ =" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "not_nifti", "lambda", "shape", "nan", "bad_model"])
+def test_register_cli_bad_input_is_one_clean_error_and_no_output(tiny_run, tmp_path, case):
+    out, _ = tiny_run
+    a, b = _proxy_pair()
+    fixed, moving, lam, model = a.t1, b.t2, "0.1", os.path.join(out, "mcr")
+    if case == "missing":
+        moving = str(tmp_path / "nope.nii.gz")
+    elif case == "not_nifti":
+        moving = str(tmp_path / "text.nii.gz")
+        open(moving, "w").write("not an image")
+    elif case == "lambda":
+        lam = "1.5"
+    elif case == "shape":
+        img = nib.load(b.t2)
+        moving = str(tmp_path / "small.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:-4], img.affine), moving)
+    elif case == "nan":
+        img = nib.load(b.t2)
+        d = np.asarray(img.dataobj).astype(np.float32)
+        d[5, 5] = np.nan
+        moving = str(tmp_path / "nan.nii.gz")
+        nib.save(nib.Nifti1Image(d, img.affine), moving)
+    elif case == "bad_model":
+        model = str(tmp_path)
+    moved = tmp_path / "moved.nii.gz"
+    r = _script("eval_scripts/register.py", "--model", model, "--fixed", fixed, "--moving", moving,
+                "--lambda", lam, "--moved", str(moved))
+    assert r.returncode == 2, (r.stdout, r.stderr[-2000:])
+    err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in r.stderr
+    assert not moved.exists()
+
+
+@pytest.mark.slow
+def test_eval_hyper_cli(tiny_run, tmp_path):
+    out, _ = tiny_run
+    r = _script("eval_scripts/eval_hyper.py", "--runs", os.path.join(out, "mi"), "--out", str(tmp_path),
+                "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| mi |" in r.stdout and os.path.isfile(tmp_path / "mi.csv")
+
+
+def test_train_hyper_cli_rejects_unknown_loss_and_bad_preset():
+    r = _script("train_scripts/train_hyper.py", "--loss", "nope", "--out", "/tmp/x")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _script("train_scripts/train_hyper.py", "--loss", "mi", "--out", "/tmp/x", "--preset", "huge")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown preset")
