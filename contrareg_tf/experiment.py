@@ -33,6 +33,14 @@ def resolve_data(cfg: Config, data=None, cache_dir=None):
                              max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape))
 
 
+def data_label(cfg, data, desc):
+    """How a model card names its data: the user's description path, or the proxy's parameters."""
+    if data is not None:
+        return os.path.abspath(desc.source or str(data))
+    return (f"built-in proxy: {cfg.proxy_subjects} subjects, {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
+            f"max_disp {cfg.proxy_max_disp:g} vox, seed {cfg.seed}")
+
+
 def split_arrays(desc, split, cfg: Config):
     """Stacks ``t1, t2, mask1, mask2, labels`` (N, *inshape) of one split, normalised to [0, 1] and
     crop/padded to the config's grid."""
@@ -71,7 +79,7 @@ def pretrain_autoencoder(cfg, modality, out, data=None, iters=None, lr=1e-4, bat
     arr = split_arrays(desc, "train", cfg)
     ae, hist = train_autoencoder(cfg, arr[modality], out, modality=modality, iters=iters, lr=lr,
                                  batch_size=batch_size, resume=resume, progress=progress, command=command)
-    _annotate_card(out, data=desc.source or "built-in proxy")
+    _annotate_card(out, data=data_label(cfg, data, desc))
     return ae, hist
 
 

@@ -44,12 +44,9 @@ def _prep(x, shape):
     return crop_or_pad(normalize_intensity(x), shape)
 
 
-def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modality="t2", moving_labels=None):
-    """Register numpy arrays (same shape) with a λ-conditioned model; crop/pad to the model's grid and back."""
-    from . import metrics
-    from .data.io import check_same_shape, uncrop
-    from .evaluation import choose_lambda
-    from .networks.hyper import register, warp
+def _validate_request(fixed, moving, moving_labels, lam, max_folds, moving_modality):
+    """Cheap checks first (before a model is built or anything is written)."""
+    from .data.io import check_same_shape
 
     check_same_shape(fixed, moving, ("fixed", "moving"))
     if moving_labels is not None:
@@ -62,6 +59,16 @@ def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modal
         raise ContraRegInputError(f"--max-folds is a percentage in [0, 100], got {max_folds}")
     if moving_modality not in ("t1", "t2"):
         raise ContraRegInputError(f"moving modality must be 't1' or 't2', got {moving_modality!r}")
+
+
+def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modality="t2", moving_labels=None):
+    """Register numpy arrays (same shape) with a λ-conditioned model; crop/pad to the model's grid and back."""
+    from . import metrics
+    from .data.io import uncrop
+    from .evaluation import choose_lambda
+    from .networks.hyper import register, warp
+
+    _validate_request(fixed, moving, moving_labels, lam, max_folds, moving_modality)
     shape = tuple(model.inputs[0].shape[1:-1])
     if len(shape) != fixed.ndim:
         raise ContraRegInputError(f"model is {len(shape)}-D but the images are {fixed.ndim}-D")
@@ -101,6 +108,7 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
     fv = load_nifti(fixed)
     mv = load_nifti(moving, ndim=fv.ndim)
     lv = load_nifti(moving_labels, ndim=fv.ndim) if moving_labels else None
+    _validate_request(fv.data, mv.data, None if lv is None else lv.data, lam, max_folds, moving_modality)
     model, _ = load_trained(run_dir)
     res = register_arrays(model, fv.data, mv.data, lam=lam, max_folds=max_folds,
                           moving_modality=moving_modality, moving_labels=None if lv is None else lv.data)

@@ -211,11 +211,33 @@ def test_callable_and_pair_features_and_ae_provider():
     o1, o2 = (t.numpy() for t in ae_a(x)[1:])
     r1 = o1[0] / np.linalg.norm(o1[0], axis=-1, keepdims=True)
     np.testing.assert_allclose(out[0, ..., :3], r1, atol=1e-5)
-    up = np.stack([ndimage.zoom(o2[0, ..., c], 16 / 8, order=1, grid_mode=False, mode="nearest") for c in range(2)], -1)
+    up = np.stack([ndimage.zoom(o2[0, ..., c], 16 / 8, order=1, grid_mode=False, mode="nearest")
+                   for c in range(2)], -1)
     np.testing.assert_allclose(out[0, ..., 3:], up / np.linalg.norm(up, axis=-1, keepdims=True), atol=1e-4)
     np.testing.assert_allclose(f_fix(x).numpy()[0, ..., :3],
                                (lambda o: o / np.linalg.norm(o, axis=-1, keepdims=True))(ae_b(x)[1].numpy()[0]),
                                atol=1e-5)
+
+
+def test_ae_provider_with_contrareg_autoencoder():
+    from contrareg_tf.networks.autoencoder import build_autoencoder
+
+    filters = (4, 6, 8, 6, 4, 4, 4, 1)
+    a1, a2 = (build_autoencoder(2, filters, seed=s) for s in (0, 1))
+    _, _, fix, mov, _ = make_pair((32, 32), 2.0)
+    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="ae", ae_models=(a1, a2),
+                               moving_modality="t2", iters=(3, 2, 2), progress=False)
+    assert np.isfinite(res.disp).all()
+    ff, fm = IO.feature_provider("ae", ndim=2, ae_models=(a1, a2), moving_modality="t2")
+    f = fm(mov[None, ..., None]).numpy()      # moving is T2w -> A2
+    assert f.shape == (1, 32, 32, sum(filters[:6]))
+    start = 0
+    for c in filters[:6]:  # each layer's block is unit-norm per voxel (except ~0 vectors: eps of l2_normalize)
+        n = np.linalg.norm(f[..., start:start + c], axis=-1)
+        assert n.max() < 1 + 1e-4 and np.mean(np.abs(n - 1) < 1e-4) > 0.9
+        start += c
+    np.testing.assert_allclose(f[..., :4], IO.ae_features(a2, mov[None, ..., None], layers=[1]).numpy(),
+                               atol=1e-6)
 
 
 def test_dns_provider_with_masr_model():
