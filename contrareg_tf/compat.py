@@ -11,7 +11,8 @@ Patches
    ``ArgSpec(args, varargs, keywords, defaults)`` tuple the old function returned).
 2. ``neurite.tf.losses.MutualInformation.__init__`` prints a tensor (a leftover debug print); we silence
    stdout while it runs.
-3. Log noise: ``TF_CPP_MIN_LOG_LEVEL=2`` (CUDA-stub warnings on CPU machines) unless the user set it, and
+3. Log noise: ``TF_CPP_MIN_LOG_LEVEL=3`` (TF 2.15 prints three "Unable to register cuDNN/cuFFT/cuBLAS factory"
+   lines at ERROR level on every start) unless the user set it, and
    tensorflow-addons' end-of-life warning is filtered.
 """
 import contextlib
@@ -21,7 +22,7 @@ import os
 import warnings
 from collections import namedtuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", message=r".*TensorFlow Addons.*")
 warnings.filterwarnings("ignore", module=r"tensorflow_addons.*")
 
