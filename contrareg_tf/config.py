@@ -5,7 +5,7 @@ take theirs from ``get_preset(name)``. A preset never changes a default silently
 ``Config`` built with ``dataclasses.replace(PAPER, ...)``.
 """
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Tuple
 
 # 17 test-time λ values: dense in [0, 0.2), sparse in [0.2, 1.0] (paper §2 "Hypernetwork optimization").

@@ -9,10 +9,10 @@ inverse warp φ⁻¹ (a's labels onto b). Table 1 reports each method at the λ 
 """
 import csv
 import math
-import os
 
 import numpy as np
 
+from .atomic import atomic_path
 from .config import LAMBDAS_17
 from .errors import ContraRegInputError
 
@@ -76,13 +76,11 @@ def dice_before(pairs):
 # CSV / Table 1
 # ------------------------------------------------------------------------------------------------------------
 def write_csv(rows, path, fields=CSV_FIELDS):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in fields if k in r})
-    os.replace(tmp, path)
 
 
 def read_csv(path):
@@ -107,7 +105,7 @@ def table1(results, budget=FOLD_BUDGET, before=None):
         else:
             out.append({"method": method, **{k: r[k] for k in ("lambda", "dice", "dice_std", "dice30", "folds",
                                                                "sdlogj")}})
-    lines = [f"| Method | Opt. λ | Dice (↑) | Dice30 (↑) | % Folds (↓) | Sdlog\\|J\\| (↓) |",
+    lines = ["| Method | Opt. λ | Dice (↑) | Dice30 (↑) | % Folds (↓) | Sdlog\\|J\\| (↓) |",
              "|---|---|---|---|---|---|"]
     for r in out:
         if math.isnan(r["dice"]):

@@ -2,7 +2,6 @@
 λ-conditioned training per method → 17-λ evaluation → Table 1 / Fig. 3 / Fig. 2. The scripts in
 ``train_scripts/`` and ``eval_scripts/`` are argument parsers over these functions.
 """
-import dataclasses
 import json
 import os
 import time

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from .atomic import atomic_path
 from .config import PAPER, Config
 from .errors import ContraRegInputError, TrainingDiverged  # noqa: F401  (re-exported)
 
@@ -154,10 +155,8 @@ def _reduce_terms(strategy, terms):
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts)."""
     from .losses.objective import alpha_for, velocity_regulariser
-    from .losses.similarity import is_contrastive
+
 
     iters = int(cfg.iters if iters is None else iters)
     lr = float(lr or cfg.lr)
@@ -297,9 +296,8 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
 
 
 def _save_weights(obj, out_dir, name):
-    tmp = os.path.join(out_dir, name + ".tmp.h5")
-    obj.save_weights(tmp)
-    os.replace(tmp, os.path.join(out_dir, name))
+    with atomic_path(os.path.join(out_dir, name)) as tmp:
+        obj.save_weights(tmp)
 
 
 def save_trained_heads(out_dir, heads1=None, heads2=None):

@@ -9,12 +9,12 @@ scaled to the count (at least 1 val and 1 test subject when n >= 3).
 """
 import csv
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import ContraRegInputError
 
 REQUIRED_COLUMNS = ("subject", "t1", "t2", "labels")
@@ -217,25 +217,17 @@ def write_description(csv_path, records, relative: bool = True) -> str:
         cols.append("split")
     extra_cols = sorted({k for s in subjects for k in s.extra})
     cols += extra_cols
-    fd, tmp = tempfile.mkstemp(prefix=".dataset.", suffix=".csv", dir=base)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            for s in subjects:
-                row = [s.subject, rel(s.t1), rel(s.t2), rel(s.labels)]
-                if "mask" in cols:
-                    row.append(rel(s.mask))
-                if "split" in cols:
-                    row.append(s.split or "")
-                for k in extra_cols:
-                    v = s.extra.get(k, "")
-                    row.append(rel(v) if v and k.startswith(("warp", "file_")) else v)
-                w.writerow(row)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, csv_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for s in subjects:
+            row = [s.subject, rel(s.t1), rel(s.t2), rel(s.labels)]
+            if "mask" in cols:
+                row.append(rel(s.mask))
+            if "split" in cols:
+                row.append(s.split or "")
+            for k in extra_cols:
+                v = s.extra.get(k, "")
+                row.append(rel(v) if v and k.startswith(("warp", "file_")) else v)
+            w.writerow(row)
     return csv_path

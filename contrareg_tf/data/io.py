@@ -5,13 +5,13 @@ problem: missing file, not a NIfTI, 4-D image, wrong dimensionality, NaN/Inf vox
 empty mask. Writes are atomic (temporary file in the same folder, then ``os.replace``).
 """
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.ndimage as ndi
 
+from ..atomic import atomic_path
 from ..errors import ContraRegInputError
 
 NIFTI_EXTS = (".nii.gz", ".nii")
@@ -139,17 +139,8 @@ def save_nifti(path, data, like: Optional[Volume] = None, affine=None, header=No
     folder = os.path.dirname(os.path.abspath(p))
     if not os.path.isdir(folder):
         raise ContraRegInputError(f"{p}: output folder {folder} does not exist")
-    ext = ".nii.gz" if p.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(p)[: -len(ext)] + ".", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(p) as tmp:
         nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return p
 
 

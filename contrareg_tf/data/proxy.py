@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -28,6 +27,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ..config import PAPER
+from ..atomic import atomic_path
 from ..errors import ContraRegInputError
 from .dataset import (CSV_NAME, Description, Subject, assign_splits, load_description,
                       write_description)
@@ -230,11 +230,8 @@ def proxy_dir(params: dict, root: Optional[str] = None) -> str:
 
 
 def _write_json(path, obj):
-    fd, tmp = tempfile.mkstemp(prefix=".proxy.", suffix=".json", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _try_reuse(out_dir, params):

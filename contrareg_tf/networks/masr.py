@@ -41,6 +41,7 @@ import types
 import numpy as np
 import tensorflow as tf
 
+from ..atomic import atomic_path
 from ..errors import ContraRegInputError
 
 # DNS paper §4.2 "Implementation" (not in config.PAPER, which holds ContraReg's defaults).
@@ -333,11 +334,10 @@ def save_masr(model, path, card=None):
     if not path.endswith(".h5"):
         raise ContraRegInputError(f"{path}: MASR-Net weights must be saved as .h5")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.h5"
-    model.save_weights(tmp, save_format="h5")
-    with h5py.File(tmp, "a") as f:
-        f.attrs[_CONFIG_ATTR] = json.dumps(get_config(model))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save_weights(tmp, save_format="h5")
+        with h5py.File(tmp, "a") as f:
+            f.attrs[_CONFIG_ATTR] = json.dumps(get_config(model))
     if card is not None:
         with open(path[:-3] + ".json", "w") as f:
             json.dump(card, f, indent=2)
