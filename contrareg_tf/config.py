@@ -89,8 +89,10 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Config:
-    """Return the named preset; raises ``ValueError`` listing the valid names."""
+    """Return the named preset; raises ``ContraRegInputError`` (a ``ValueError``) listing the valid names."""
+    from .errors import ContraRegInputError
+
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ContraRegInputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
