@@ -85,7 +85,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, arrays2d):
     assert any(c.startswith("ckpt-2") for c in ckpts) and not any(c.startswith("ckpt-3") for c in ckpts)
 
 
-@pytest.mark.parametrize("loss", ["mcr", "cr", "cr+mi", "cr+extnegs", "lmi", "mind", "ngf"])
+@pytest.mark.parametrize("loss", ["mcr", "cr", "cr+mi", "cr+extnegs", "lmi", "mind", "ngf", "dns"])
 def test_each_loss_trains_two_steps(tmp_path, arrays2d, loss):
     cfg = get_preset("tiny2d")
     hist = training.train_hyper(cfg, loss, str(tmp_path / loss.replace("+", "_")), arrays2d, iters=2,
@@ -136,3 +136,19 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("REPLICAS")][0].split()
     assert line[1] == "2" and np.isfinite(float(line[3]))
+
+
+def test_sup_pretrain_trains_both_autoencoders_and_heads(tmp_path, arrays2d):
+    """SupPretrain (paper §3): λsp·d12 + reconstruction moves A1, A2 (not frozen here) and writes F1/F2."""
+    from contrareg_tf.networks.autoencoder import build_autoencoder, load_autoencoder
+
+    cfg = get_preset("tiny2d")
+    hist = training.train_sup_pretrain(cfg, arrays2d, str(tmp_path), iters=2, progress=False)
+    assert len(hist) == 2 and all(np.isfinite(h["nce"]) and np.isfinite(h["rec"]) for h in hist)
+    np.testing.assert_allclose(hist[0]["loss"], 0.1 * hist[0]["nce"] + hist[0]["rec"], rtol=1e-5)
+    tf.keras.utils.set_random_seed(cfg.seed)
+    fresh = build_autoencoder(2, filters=cfg.ae_filters, nb_features=cfg.ae_nb_feature_layers, name="ae_t1")
+    trained = load_autoencoder(str(tmp_path / "ae_t1.h5"), 2, filters=cfg.ae_filters)
+    assert any(not np.allclose(a, b) for a, b in zip(fresh.get_weights(), trained.get_weights()))
+    for f in ("ae_t2.h5", "heads1.h5", "heads2.h5", "card.json"):
+        assert (tmp_path / f).is_file()

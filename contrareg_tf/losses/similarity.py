@@ -72,10 +72,7 @@ class BidirSimilarity:
         elif self.base == "dns":
             from .dns import DNS
 
-            if dns_model is None:
-                from ..errors import ContraRegInputError
-
-                raise ContraRegInputError("loss 'dns' needs a trained MASR-Net (--dns-model)")
+            # dns_model: a MASR-Net model or .h5 path; None = the weights shipped in models/ for this ndim
             self.d12 = self.d21 = DNS(dns_model)
         if self.add_mi:
             from .mi import MutualInformation
