@@ -87,3 +87,19 @@ def test_h5_roundtrip(tmp_path):
     b.load_weights(str(tmp_path / "h.h5"))
     x = np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32)
     np.testing.assert_array_equal(a(x).numpy(), b(x).numpy())
+
+
+def test_l2_normalize_gradient_is_finite_at_zero_vector():
+    """A ReLU head can output an all-zero vector (constant background): tf.norm's gradient there is NaN,
+    which turned a CR step with random autoencoders into NaN weights."""
+    import tensorflow as tf
+
+    x = tf.constant([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
+    with tf.GradientTape() as t:
+        t.watch(x)
+        y = L2Normalize()(x)
+        s = tf.reduce_sum(y * tf.constant([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+    g = t.gradient(s, x).numpy()
+    assert np.isfinite(g).all()
+    np.testing.assert_allclose(y.numpy()[1], [0.6, 0.8, 0.0], atol=1e-6)
+    np.testing.assert_allclose(y.numpy()[0], 0.0)

@@ -112,7 +112,9 @@ def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, va
 
 # ------------------------------------------------------------------------------------------ loss class
 def _l2n(x):
-    return x / (tf.norm(x, axis=-1, keepdims=True) + 1e-7)
+    from ..networks.layers import l2_normalize
+
+    return l2_normalize(x, 1e-7)
 
 
 def _check_image(x, arg, channels=(1,)):

@@ -40,6 +40,13 @@ class FiLM(tf.keras.layers.Layer):
         return input_shape[0]
 
 
+def l2_normalize(x, eps=1e-7):
+    """``x / (‖x‖₂ + eps)`` over the last axis, with a finite gradient at x = 0 (tf.norm's is NaN there: a
+    ReLU head that outputs an all-zero vector, e.g. on constant background, would poison the whole step)."""
+    norm = tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True), 1e-24))
+    return x / (norm + eps)
+
+
 class L2Normalize(tf.keras.layers.Layer):
     """``x / (‖x‖₂ + eps)`` over the last axis (CUT's Normalize; eps added to the norm, not under the root)."""
 
@@ -48,8 +55,7 @@ class L2Normalize(tf.keras.layers.Layer):
         self.eps = float(eps)
 
     def call(self, x):
-        norm = tf.sqrt(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True))
-        return x / (norm + self.eps)
+        return l2_normalize(x, self.eps)
 
     def get_config(self):
         return {**super().get_config(), "eps": self.eps}
