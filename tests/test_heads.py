@@ -89,17 +89,24 @@ def test_h5_roundtrip(tmp_path):
     np.testing.assert_array_equal(a(x).numpy(), b(x).numpy())
 
 
-def test_l2_normalize_gradient_is_finite_at_zero_vector():
-    """A ReLU head can output an all-zero vector (constant background): tf.norm's gradient there is NaN,
-    which turned a CR step with random autoencoders into NaN weights."""
+def test_l2_normalize_gradient_is_finite_at_zero_and_underflowing_vectors():
+    """CUT's gain-0.02 heads can output vectors whose squared norm underflows float32 (or exact zeros on
+    constant background): with x / (tf.norm(x) + eps) the gradient there is inf/NaN (measured: a CR step with
+    random autoencoders went NaN at the cpu-demo preset). The clamped norm keeps it finite."""
     import tensorflow as tf
 
-    x = tf.constant([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])
+    x = tf.constant([[0.0, 0.0, 0.0], [1e-23, 0.0, 0.0], [3.0, 4.0, 0.0]])
+    c = tf.constant([[1.0, 2.0, 3.0]] * 3)
     with tf.GradientTape() as t:
         t.watch(x)
         y = L2Normalize()(x)
-        s = tf.reduce_sum(y * tf.constant([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]))
+        s = tf.reduce_sum(y * c)
     g = t.gradient(s, x).numpy()
     assert np.isfinite(g).all()
-    np.testing.assert_allclose(y.numpy()[1], [0.6, 0.8, 0.0], atol=1e-6)
-    np.testing.assert_allclose(y.numpy()[0], 0.0)
+    np.testing.assert_allclose(y.numpy()[2], [0.6, 0.8, 0.0], atol=1e-6)
+    np.testing.assert_allclose(y.numpy()[:2], 0.0, atol=1e-15)
+    # the naive form (what the layer used to compute) is not finite on the underflowing row
+    with tf.GradientTape() as t:
+        t.watch(x)
+        s = tf.reduce_sum(x / (tf.norm(x, axis=-1, keepdims=True) + 1e-7) * c)
+    assert not np.isfinite(t.gradient(s, x).numpy()[1]).all()
