@@ -17,17 +17,14 @@ MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # ------------------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------------------
-def resolve_data(cfg: Config, data=None, cache_dir=None):
+def resolve_data(cfg: Config, data=None):
     """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in proxy at the config's
-    grid (built once, then reused from the cache)."""
+    grid (built once in the cache folder ``proxy.build_proxy`` names after its parameters, then reused)."""
     from .data import dataset, proxy
 
     if data is not None:
         return dataset.load_description(data, seed=cfg.seed)
-    cache_dir = cache_dir or proxy.default_cache_dir()
-    tag = "x".join(map(str, cfg.inshape)) + f"_{cfg.spacing:g}mm_n{cfg.proxy_subjects}_d{cfg.proxy_max_disp:g}" \
-          f"_s{cfg.seed}"
-    return proxy.build_proxy(os.path.join(cache_dir, f"proxy_{tag}"), n_subjects=cfg.proxy_subjects,
+    return proxy.build_proxy(None, n_subjects=cfg.proxy_subjects,
                              shape=tuple(cfg.inshape), spacing=cfg.spacing, seed=cfg.seed,
                              max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape))
 
@@ -127,13 +124,13 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
     ``fig2.png``; returns Table 1 as Markdown."""
     from . import evaluation
     from .networks.hyper import register
-    from .training import load_trained
+    from .training import config_from_meta, load_trained
 
     os.makedirs(out_dir, exist_ok=True)
     results, examples, pairs, cfg0 = {}, {}, None, None
     for run in run_dirs:
         model, meta = load_trained(run)
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+        cfg = config_from_meta(meta)
         if cfg0 is None:
             cfg0 = cfg
             desc = resolve_data(cfg, data)

@@ -317,6 +317,11 @@ def _heads_container(heads):
     return tf.keras.Model(ins, [h(x) for h, x in zip(heads, ins)])
 
 
+def config_from_meta(meta):
+    """The ``Config`` a run was trained with, from its ``config.json`` (JSON lists back to tuples)."""
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
+
+
 def load_trained(run_dir, inshape=None):
     """Rebuild a trained λ-conditioned model from ``run_dir`` (config.json + model.h5). ``inshape`` lets a
     fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``."""
@@ -329,9 +334,7 @@ def load_trained(run_dir, inshape=None):
             raise ContraRegInputError(f"{p}: not found — is {run_dir!r} a train_hyper.py output folder?")
     with open(cfg_path) as f:
         meta = json.load(f)
-    c = dict(meta["config"])
-    c = {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()}
-    cfg = Config(**c)
+    cfg = config_from_meta(meta)
     if inshape is not None:
         cfg = dataclasses.replace(cfg, inshape=tuple(inshape))
     model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
