@@ -24,6 +24,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,9 @@ def _run_elastix(fix, mov, spacing, opts, mlab):
     t = time.perf_counter()
     _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
     sec = time.perf_counter() - t
-    field = itk.GetArrayFromImage(itk.transformix_deformation_field(m, params))  # numpy axes reversed
+    with tempfile.TemporaryDirectory() as scratch:  # transformix writes deformationField.nii there (default: cwd)
+        field = itk.GetArrayFromImage(itk.transformix_deformation_field(m, params, output_directory=scratch))
+    # numpy axes reversed
     u = field[..., ::-1] / float(spacing)  # component k of ITK = numpy axis (ndim-1-k)
     params.SetParameter(0, "FinalBSplineInterpolationOrder", "0")
     own = itk.GetArrayFromImage(itk.transformix_filter(img(mlab), params))
