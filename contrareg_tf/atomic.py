@@ -1,6 +1,7 @@
 """Atomic file writes: every output of the package goes through ``atomic_path`` so that a failure (bad input
 found late, a crash, Ctrl-C) never leaves a partial file behind."""
 import contextlib
+import json
 import os
 import tempfile
 
@@ -25,3 +26,10 @@ def atomic_path(path, suffix=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, obj, **dump_kwargs):
+    """``json.dump(obj)`` to ``path`` through :func:`atomic_path`; ``dump_kwargs`` default to
+    ``indent=2, default=str`` (non-JSON values such as paths written as strings)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, **{"indent": 2, "default": str, **dump_kwargs})

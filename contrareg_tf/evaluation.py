@@ -59,24 +59,20 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     label_ids = sorted(int(v) for v in np.union1d(np.unique(pairs["labels1"]), np.unique(pairs["labels2"])) if v)
     jobs = [(li, i) for li in range(len(lambdas)) for i in range(p)]
     chunk = _chunk_size(pairs["img1"].shape[1:], batch_size)
-    fw, bw = {}, {}
+    fw, bw = np.zeros((len(lambdas), p, 3)), np.zeros((len(lambdas), p, 3))  # (Dice, % folds, sdlogJ)
     with tqdm(total=len(lambdas), desc=desc, disable=not progress, unit="λ") as bar:
         for s in range(0, len(jobs), chunk):
-            part = jobs[s:s + chunk]
-            li = np.array([j[0] for j in part])
-            pi = np.array([j[1] for j in part])
-            lam = np.array([lambdas[k] for k in li], np.float32)[:, None]
+            li, pi = np.array(jobs[s:s + chunk]).T
+            lam = np.asarray(lambdas, np.float32)[li][:, None]
             # source = I2 (T2w of b), target = I1 (T1w of a)
             _, pos, neg = register(model, pairs["img2"][pi][..., None], pairs["img1"][pi][..., None], lam,
                                    batch_size=batch_size)
             l1, l2 = pairs["labels1"][pi], pairs["labels2"][pi]
-            for job, f, b in zip(part, _batch_metrics(l1, l2, pos, label_ids), _batch_metrics(l2, l1, neg, label_ids)):
-                fw[job], bw[job] = f, b
-            bar.update(len({j[0] for j in part if j[1] == p - 1}))
+            fw[li, pi] = _batch_metrics(l1, l2, pos, label_ids)
+            bw[li, pi] = _batch_metrics(l2, l1, neg, label_ids)
+            bar.update(int(np.sum(pi == p - 1)))   # λ values whose last pair is done
     rows = []
-    for li, lam in enumerate(lambdas):
-        f = np.array([fw[(li, i)] for i in range(p)])
-        b = np.array([bw[(li, i)] for i in range(p)])
+    for lam, f, b in zip(lambdas, fw, bw):
         rows.append({"lambda": float(lam), "dice": f[:, 0].mean(), "dice_std": f[:, 0].std(),
                      "dice30": dice30(f[:, 0]), "folds": f[:, 1].mean(), "folds_std": f[:, 1].std(),
                      "sdlogj": f[:, 2].mean(), "dice_inv": b[:, 0].mean(), "dice30_inv": dice30(b[:, 0]),

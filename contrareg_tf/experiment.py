@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from .atomic import write_json
 from .config import LAMBDAS_17, Config
 from .errors import ContraRegInputError
 
@@ -84,8 +85,7 @@ def _annotate_card(h5_path, **extra):
     with open(p) as f:
         card = json.load(f)
     card.update(extra)
-    with open(p, "w") as f:
-        json.dump(card, f, indent=2, default=str)
+    write_json(p, card)
 
 
 def sup_pretrain(cfg, out_dir, data=None, iters=None, lr=1e-4, batch_size=None, resume=False, progress=True,

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .config import PAPER, Config
 from .errors import ContraRegInputError, TrainingDiverged  # noqa: F401  (re-exported)
 
@@ -154,11 +154,6 @@ def _reduce_terms(strategy, terms):
     return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in terms.items()}
 
 
-def _write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # λ-conditioned registration (paper §2)
 # --------------------------------------------------------------------------------------------------------------
@@ -248,7 +243,6 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts)."""
     from .losses.objective import alpha_for, velocity_regulariser
 
-
     iters = int(cfg.iters if iters is None else iters)
     lr = float(lr or cfg.lr)
     batch_size = int(batch_size or cfg.batch_size)
@@ -279,7 +273,7 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
             "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
             "batch_size": batch_size, "reg_penalty": reg_penalty or cfg.reg_penalty, "command": command}
-    _write_json(os.path.join(out_dir, "config.json"), meta)
+    write_json(os.path.join(out_dir, "config.json"), meta)
     sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
                           train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=ext)
 
@@ -291,7 +285,7 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
     card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
                 final=history[-1] if history else None,
                 sec_per_step=round(elapsed / max(1, len(history)), 4))
-    _write_json(os.path.join(out_dir, "card.json"), card)
+    write_json(os.path.join(out_dir, "card.json"), card)
     return history
 
 
@@ -407,7 +401,7 @@ def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, 
             "crop": crop, "filters": cfg.ae_filters, "loss": "L1 + local NCC (win %d)" % cfg.ae_ncc_win,
             "final_loss": history[-1]["loss"] if history else None, "seconds": round(time.time() - t0, 1),
             "n_images": int(images.shape[0]), "image_shape": list(images.shape[1:]), "command": command}
-    _write_json(os.path.splitext(out_path)[0] + ".json", card)
+    write_json(os.path.splitext(out_path)[0] + ".json", card)
     return ae, history
 
 
@@ -466,7 +460,7 @@ def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=1e-4, batch_
     save_autoencoder(ae1, os.path.join(out_dir, "ae_t1.h5"))
     save_autoencoder(ae2, os.path.join(out_dir, "ae_t2.h5"))
     save_trained_heads(out_dir, heads1, heads2)
-    _write_json(os.path.join(out_dir, "card.json"), {
+    write_json(os.path.join(out_dir, "card.json"), {
         "what": "SupPretrain A1, A2, F1, F2", "lam_sp": lam_sp, "preset": cfg.name, "iters": iters, "lr": lr,
         "final": history[-1] if history else None, "seconds": round(time.time() - t0, 1), "command": command})
     return history

@@ -27,7 +27,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ..config import PAPER
-from ..atomic import atomic_path
+from ..atomic import write_json
 from ..errors import ContraRegInputError
 from .dataset import (CSV_NAME, Description, Subject, assign_splits, load_description,
                       write_description)
@@ -229,11 +229,6 @@ def proxy_dir(params: dict, root: Optional[str] = None) -> str:
     return os.path.join(root or default_cache_dir(), "proxy", name)
 
 
-def _write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-
-
 def _try_reuse(out_dir, params):
     pj = os.path.join(out_dir, PROXY_JSON)
     try:
@@ -283,7 +278,8 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
                                       f"refusing to write into it")
     os.makedirs(out_dir, exist_ok=True)
     # mark the folder as ours first: an interrupted build is then rebuilt, never mistaken for user data
-    _write_json(os.path.join(out_dir, PROXY_JSON), dict(params=params, complete=False))
+    write_json(os.path.join(out_dir, PROXY_JSON), dict(params=params, complete=False), indent=1,
+               sort_keys=True)
     t0 = time.time()
     if ndim == 3:
         tmpl3 = _template(shape, spacing)
@@ -322,7 +318,7 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
     meta = dict(params=params, complete=True, label_names={str(k): v for k, v in LABEL_NAMES.items()},
                 source="nilearn MNI ICBM152 2009a (T1w, GM, WM)", warp_convention=(
                     "subject(x) = template(x + warp(x)); voxel units, ij order; warp_inv = exp(-v)"))
-    _write_json(os.path.join(out_dir, PROXY_JSON), meta)
+    write_json(os.path.join(out_dir, PROXY_JSON), meta, indent=1, sort_keys=True)
     desc = load_description(os.path.join(out_dir, CSV_NAME))
     desc.meta.update(meta, build_seconds=time.time() - t0)
     return desc

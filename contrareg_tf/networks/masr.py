@@ -41,7 +41,7 @@ import types
 import numpy as np
 import tensorflow as tf
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_json
 from ..errors import ContraRegInputError
 
 # DNS paper §4.2 "Implementation" (not in config.PAPER, which holds ContraReg's defaults).
@@ -339,8 +339,7 @@ def save_masr(model, path, card=None):
         with h5py.File(tmp, "a") as f:
             f.attrs[_CONFIG_ATTR] = json.dumps(get_config(model))
     if card is not None:
-        with open(path[:-3] + ".json", "w") as f:
-            json.dump(card, f, indent=2)
+        write_json(path[:-3] + ".json", card)
     return path
 
 
