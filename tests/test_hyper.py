@@ -7,7 +7,7 @@ import tensorflow as tf
 import contrareg_tf
 from contrareg_tf import PAPER, ContraRegInputError, get_preset
 from contrareg_tf.networks import hyper
-from contrareg_tf.networks.layers import FiLM
+from contrareg_tf.networks.layers import FiLM, NearestUpsample
 
 import voxelmorph as vxm
 from voxelmorph.tf import networks as vxm_networks
@@ -109,13 +109,45 @@ def test_film_blocks_regularised_bias_free_and_restored(film_model):
     assert all(l.activation is tf.keras.activations.relu for l in hyp)
 
 
-def test_conv_block_patch_restored_on_error():
-    original = vxm_networks._conv_block
+def test_block_patches_restored_on_error():
+    original = vxm_networks._conv_block, vxm_networks._upsample_block
     with pytest.raises(RuntimeError):
-        with hyper._vxm_conv_block(lambda *a, **k: None):
-            assert vxm_networks._conv_block is not original
+        with hyper._vxm_blocks(lambda *a, **k: None):
+            assert vxm_networks._conv_block is not original[0]
+            assert vxm_networks._upsample_block is not original[1]
             raise RuntimeError("boom")
-    assert vxm_networks._conv_block is original
+    assert (vxm_networks._conv_block, vxm_networks._upsample_block) == original
+
+
+@pytest.mark.parametrize("vol, factor", [((3, 4), 2), ((2, 3, 4), 2), ((5,), 3)])
+def test_nearest_upsample_matches_numpy_repeat(vol, factor):
+    x = np.random.default_rng(0).random((2,) + vol + (3,)).astype(np.float32)
+    expect = x
+    for axis in range(1, len(vol) + 1):
+        expect = np.repeat(expect, factor, axis=axis)
+    got = NearestUpsample(factor)(tf.constant(x)).numpy()
+    np.testing.assert_array_equal(got, expect)
+
+
+def test_xla_compiles_2d_training_gradient():
+    """``--xla`` on a 2-D model: Keras' UpSampling2D gradient (ResizeNearestNeighborGrad) has no XLA kernel;
+    with NearestUpsample the jit-compiled gradient exists and equals the graph-mode one."""
+    model = tiny(levels=2, ts=2, shape=(16, 16))
+    scale_flow_layer(model)
+    x = blobs((16, 16), 2)
+    inputs = [tf.constant(x[:1]), tf.constant(x[1:]), tf.constant(lam_arr(0.3))]
+
+    def grads():
+        with tf.GradientTape() as tape:
+            ys, yt, v = model(inputs, training=True)
+            loss = tf.reduce_mean(tf.square(ys - inputs[1])) + tf.reduce_mean(tf.square(v))
+        return tape.gradient(loss, model.trainable_variables)
+
+    plain = tf.function(grads)()
+    jitted = tf.function(grads, jit_compile=True)()
+    assert len(plain) == len(jitted) and all(g is not None for g in jitted)
+    for a, b in zip(plain, jitted):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-3, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ behaviour

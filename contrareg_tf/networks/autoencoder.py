@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from ..config import PAPER
 from ..errors import ContraRegInputError
+from .layers import NearestUpsample
 
 NB_DOWN = 3   # 3 stride-2 blocks, then 3 up-sampling blocks (paper §3)
 
@@ -57,7 +58,7 @@ def _conv_norm_block(x, nfeat, k, ndim, name, down=False, up=False, seed=None):
     """[UpSampling] → Conv(3, stride 2 if down) → InstanceNorm → LeakyReLU(0.2); returns (out, conv features)."""
     L = tf.keras.layers
     if up:
-        x = getattr(L, f"UpSampling{ndim}D")(size=2, name=f"{name}_up_{k}")(x)
+        x = NearestUpsample(2, name=f"{name}_up_{k}")(x)   # = UpSampling{ndim}D(2), XLA-compilable
     init = tf.keras.initializers.HeNormal(seed=None if seed is None else seed + k)
     feat = getattr(L, f"Conv{ndim}D")(nfeat, 3, strides=2 if down else 1, padding="same",
                                       kernel_initializer=init, name=f"{name}_conv_{k}")(x)

@@ -10,7 +10,9 @@ bidirectional ``SpatialTransformer``s) built with
 * ``conditioning='film'`` (default, the paper's): while the Unet is constructed, ``voxelmorph.tf.networks.
   _conv_block`` (which vxm's ``Unet`` looks up at call time and hands ``hyp_tensor``) is temporarily replaced
   by ``_film_conv_block``: bias-free Conv → ``FiLM`` with (γ, β) = ``Dense(2C, L2 film_l2 on kernel and
-  bias)`` of the embedding → LeakyReLU(0.2). The original block is restored in a ``finally``.
+  bias)`` of the embedding → LeakyReLU(0.2). vxm's ``_upsample_block`` is likewise swapped for one that
+  uses ``NearestUpsample`` (same values as vxm's ``UpSampling2D/3D``; XLA-compilable in 2-D, so ``--xla``
+  works). The original blocks are restored in a ``finally``.
   ``conditioning='hyperconv'``: vxm's own HyperMorph conditioning (``HyperConvFromDense``: every conv kernel
   generated from the embedding), kept for comparison.
 * ``reg_field='preintegrated'``: the third output is the velocity v at integration resolution, the field
@@ -32,7 +34,7 @@ from voxelmorph.tf import networks as _vxm_networks
 
 from ..config import PAPER, Config
 from ..errors import ContraRegInputError
-from .layers import FiLM
+from .layers import FiLM, NearestUpsample
 
 CONDITIONINGS = ("film", "hyperconv")
 
@@ -82,15 +84,22 @@ def _make_film_conv_block(film_l2, registry):
     return _film_conv_block
 
 
+def _upsample_block(x, connection, factor=2, name=None):
+    """vxm's ``_upsample_block`` (up-sample, concatenate the skip connection) with ``NearestUpsample``."""
+    up = NearestUpsample(factor, name=name)(x)
+    return tf.keras.layers.concatenate([up, connection], name=name + "_concat" if name else None)
+
+
 @contextlib.contextmanager
-def _vxm_conv_block(block):
-    """Temporarily install ``block`` as voxelmorph's U-Net conv block (restored even on error)."""
-    original = _vxm_networks._conv_block
-    _vxm_networks._conv_block = block
+def _vxm_blocks(conv_block):
+    """Temporarily install ``conv_block`` and ``_upsample_block`` as voxelmorph's U-Net blocks (restored
+    even on error)."""
+    original = _vxm_networks._conv_block, _vxm_networks._upsample_block
+    _vxm_networks._conv_block, _vxm_networks._upsample_block = conv_block, _upsample_block
     try:
         yield
     finally:
-        _vxm_networks._conv_block = original
+        _vxm_networks._conv_block, _vxm_networks._upsample_block = original
 
 
 def _validate(inshape, ch, nb_levels, int_steps, int_resolution, conditioning):
@@ -148,7 +157,7 @@ class FiLMVxmDense(ne.modelio.LoadableModel):
         film_blocks = []
         block = (_make_film_conv_block(float(film_l2), film_blocks) if conditioning == "film"
                  else _vxm_networks._conv_block)
-        with _vxm_conv_block(block):
+        with _vxm_blocks(block):
             core = vxm.networks.VxmDense(
                 inshape, nb_unet_features=nb_features, int_steps=int(int_steps),
                 int_resolution=int(int_resolution), bidir=bool(bidir), hyp_model=hyp_model,

@@ -6,6 +6,8 @@
   layer only applies them, so it can be tested against numpy in isolation.
 * ``L2Normalize``: ``x / (‖x‖₂ + eps)`` along the last axis — CUT's ``Normalize(2)`` that puts the
   PatchNCE projection-head outputs on the unit hypersphere (paper §2, REFERENCE §2).
+* ``NearestUpsample``: ×factor nearest-neighbour up-sampling by ``tf.repeat`` — the values of Keras
+  ``UpSampling{1,2,3}D``, but XLA-compilable with its gradient (see the class).
 """
 import tensorflow as tf
 
@@ -59,3 +61,31 @@ class L2Normalize(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "eps": self.eps}
+
+
+class NearestUpsample(tf.keras.layers.Layer):
+    """×``factor`` nearest-neighbour up-sampling of (B, *vol, C) by ``tf.repeat`` on every spatial axis.
+
+    Same values as Keras ``UpSampling{1,2,3}D(size=factor)``. Used instead of them in the U-Net decoder and
+    the autoencoders because Keras' 2-D layer calls ``tf.image.resize``, whose gradient op
+    (``ResizeNearestNeighborGrad``) has no XLA kernel in TF 2.15: ``--xla`` failed on every 2-D model.
+    ``tf.repeat``'s gradient (reshape + sum) compiles.
+    """
+
+    def __init__(self, factor=2, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = int(factor)
+        if self.factor < 1:
+            raise ContraRegInputError(f"{self.name}: factor must be a positive integer, got {factor}")
+
+    def call(self, x):
+        for axis in range(1, x.shape.rank - 1):
+            x = tf.repeat(x, self.factor, axis=axis)
+        return x
+
+    def compute_output_shape(self, input_shape):
+        shape = list(input_shape)
+        return tuple(shape[:1] + [None if s is None else s * self.factor for s in shape[1:-1]] + shape[-1:])
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
