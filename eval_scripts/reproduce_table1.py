@@ -28,6 +28,8 @@ def parse(argv):
     p.add_argument("--ae2", help="T2w autoencoder .h5")
     p.add_argument("--pairs", type=int, default=None, help="number of test pairs")
     p.add_argument("--resume", action="store_true", help="continue runs that have checkpoints")
+    p.add_argument("--workers", type=int, help="methods trained at once in separate processes (default: 2 on a "
+                   "multi-core CPU, 1 with a GPU)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -39,7 +41,8 @@ def main(argv=None):
 
     table_md = experiment.reproduce_table1(get_preset(a.preset), a.out, methods=a.methods, data=a.data,
                                            iters=a.iters, ae_iters=a.ae_iters, ae1=a.ae1, ae2=a.ae2,
-                                           n_pairs=a.pairs, resume=a.resume, progress=not a.no_progress)
+                                           n_pairs=a.pairs, resume=a.resume, progress=not a.no_progress,
+                                           workers=a.workers)
     print(table_md)
     return 0
 
