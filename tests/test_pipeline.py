@@ -68,6 +68,36 @@ def test_reproduce_table1_writes_table_csvs_and_figures(tiny_run):
 
 
 @pytest.mark.slow
+def test_parallel_training_workers_match_in_process_training(tiny_run, tmp_path):
+    """Methods trained in spawned worker processes (reproduce_table1's default on a multi-core CPU) end with
+    the same weights as the same run trained in this process; a worker's error reaches the caller."""
+    import h5py
+
+    from contrareg_tf import ContraRegInputError, experiment
+
+    cfg = get_preset("tiny2d")
+    jobs = [(m, str(tmp_path / f"w_{m}"), dict(iters=2)) for m in ("ngf", "mi")]
+    experiment._train_runs(cfg, jobs, None, progress=False, workers=2)
+    experiment.train_method(cfg, "mi", str(tmp_path / "inproc_mi"), iters=2, progress=False)
+
+    def weights(run):
+        out = []
+        with h5py.File(os.path.join(run, "model.h5"), "r") as f:
+            f.visititems(lambda name, obj: out.append((name, obj[()])) if isinstance(obj, h5py.Dataset) else None)
+        return out
+
+    a, b = weights(str(tmp_path / "w_mi")), weights(str(tmp_path / "inproc_mi"))
+    assert [n for n, _ in a] == [n for n, _ in b] and len(a) > 10
+    for (name, x), (_, y) in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert os.path.isfile(tmp_path / "w_ngf" / "model.h5")
+    bad = [("mcr", str(tmp_path / "bad"), dict(iters=2, ae1=str(tmp_path / "missing.h5"),
+                                               ae2=str(tmp_path / "missing.h5"))), jobs[0]]
+    with pytest.raises(ContraRegInputError, match="missing.h5"):
+        experiment._train_runs(cfg, bad, None, progress=False, workers=2)
+
+
+@pytest.mark.slow
 def test_evaluate_lambdas_chunks_match_a_per_pair_numpy_evaluation(tiny_run, monkeypatch):
     """The chunked (λ × pair) evaluation equals registering each pair alone at each λ and scoring it with an
     independent scipy nearest-neighbour warp + numpy Dice; chunks of 3 straddle λ boundaries."""
@@ -88,6 +118,12 @@ def test_evaluate_lambdas_chunks_match_a_per_pair_numpy_evaluation(tiny_run, mon
     monkeypatch.setattr(evaluation, "_chunk_size", lambda inshape, batch_size: 3)
     rows = evaluation.evaluate_lambdas(model, pairs, lambdas=lams, batch_size=2, progress=False)
     ids = [v for v in np.union1d(pairs["labels1"], pairs["labels2"]) if v]
+
+    def np_dice(fixed, moved):
+        return np.mean([2 * np.sum((fixed == k) & (moved == k)) / (np.sum(fixed == k) + np.sum(moved == k))
+                        for k in ids])
+
+    before = np.array([np_dice(a, b) for a, b in zip(pairs["labels1"], pairs["labels2"])])
     for lam, row in zip(lams, rows):
         dices = []
         for i in range(len(pairs["img1"])):
@@ -95,12 +131,13 @@ def test_evaluate_lambdas_chunks_match_a_per_pair_numpy_evaluation(tiny_run, mon
             grid = np.meshgrid(*[np.arange(n) for n in pos.shape[1:-1]], indexing="ij")
             coords = [g + pos[0, ..., d] for d, g in enumerate(grid)]
             moved = map_coordinates(pairs["labels2"][i], coords, order=0, mode="nearest")
-            fixed = pairs["labels1"][i]
-            dices.append(np.mean([2 * np.sum((fixed == k) & (moved == k)) / (np.sum(fixed == k) + np.sum(moved == k))
-                                  for k in ids]))
+            dices.append(np_dice(pairs["labels1"][i], moved))
         assert row["lambda"] == lam and row["n_pairs"] == len(pairs["img1"])
         np.testing.assert_allclose(row["dice"], np.mean(dices), atol=1e-6)
         np.testing.assert_allclose(row["dice_std"], np.std(dices), atol=1e-6)
+        gain = np.array(dices) - before    # paired gain over no registration
+        np.testing.assert_allclose([row["gain"], row["gain_std"]], [gain.mean(), gain.std()], atol=1e-6)
+        assert row["improved"] == np.mean(gain > 0)
     assert len({round(r["dice"], 6) for r in rows}) == len(lams), "warps must differ across λ for this test"
 
 
