@@ -45,10 +45,11 @@ def _chunk_size(inshape, batch_size, voxels=2 ** 19):
     return max(int(batch_size), int(voxels // int(np.prod(inshape))))
 
 
-def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=True, desc="eval"):
+def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=True, desc="eval", before=None):
     """``pairs``: dict of stacks ``img1, img2`` (P, *vol) and ``labels1, labels2``. Returns one row per λ
     (dict with the ``CSV_FIELDS``). Registrations of all (λ, pair) combinations run in chunks of several
-    λ values × pairs per network call."""
+    λ values × pairs per network call. ``before``: the pairs' ``pair_dice_before`` (computed if None; pass
+    it when evaluating several models on the same pairs)."""
     from tqdm.auto import tqdm
 
     from .metrics import dice30
@@ -62,7 +63,7 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     jobs = [(li, i) for li in range(len(lambdas)) for i in range(p)]
     chunk = _chunk_size(pairs["img1"].shape[1:], batch_size)
     fw, bw = np.zeros((len(lambdas), p, 3)), np.zeros((len(lambdas), p, 3))  # (Dice, % folds, sdlogJ)
-    before = np.array(pair_dice_before(pairs, label_ids))
+    before = np.asarray(pair_dice_before(pairs) if before is None else before, np.float64)
     with tqdm(total=len(lambdas), desc=desc, disable=not progress, unit="λ") as bar:
         for s in range(0, len(jobs), chunk):
             li, pi = np.array(jobs[s:s + chunk]).T
@@ -85,11 +86,11 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     return rows
 
 
-def pair_dice_before(pairs, labels=None):
-    """Per-pair Dice (mean over ``labels``) of the unregistered label maps."""
+def pair_dice_before(pairs):
+    """Per-pair Dice (mean over the labels present) of the unregistered label maps."""
     from . import metrics
 
-    return [metrics.mean_dice(a, b, labels=labels) for a, b in zip(pairs["labels1"], pairs["labels2"])]
+    return [metrics.mean_dice(a, b) for a, b in zip(pairs["labels1"], pairs["labels2"])]
 
 
 def dice_before(pairs):

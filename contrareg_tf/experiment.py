@@ -127,7 +127,7 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
     from .training import config_from_meta, load_trained
 
     os.makedirs(out_dir, exist_ok=True)
-    results, examples, pairs, cfg0 = {}, {}, None, None
+    results, examples, pairs, before_pairs, cfg0 = {}, {}, None, None, None
     for run in run_dirs:
         model, meta = load_trained(run)
         cfg = config_from_meta(meta)
@@ -135,18 +135,20 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
             cfg0 = cfg
             desc = resolve_data(cfg, data)
             pairs = make_test_pairs(split_arrays(desc, split, cfg), n_pairs, seed=cfg.seed)
+            before_pairs = evaluation.pair_dice_before(pairs)   # once: the same pairs for every method
         elif tuple(cfg.inshape) != tuple(cfg0.inshape):
             raise ContraRegInputError(f"{run}: grid {cfg.inshape} differs from {cfg0.inshape} of the first run")
         method = meta["loss"]
         name = method if method not in results else f"{method} ({os.path.basename(os.path.normpath(run))})"
-        rows = evaluation.evaluate_lambdas(model, pairs, lambdas=lambdas, progress=progress, desc=f"eval {name}")
+        rows = evaluation.evaluate_lambdas(model, pairs, lambdas=lambdas, progress=progress, desc=f"eval {name}",
+                                           before=before_pairs)
         evaluation.write_csv(rows, os.path.join(out_dir, f"{name.replace(' ', '_')}.csv"))
         results[name] = rows
         best = evaluation.select_lambda(rows, budget) or rows[0]
         moved, _, _ = register(model, pairs["img2"][0], pairs["img1"][0], best["lambda"])
         examples[f"{name} λ={best['lambda']:.3g}"] = dict(fixed=pairs["img1"][0], moving=pairs["img2"][0],
                                                           moved=moved[0, ..., 0], target_t2=pairs["target_t2"][0])
-    before = evaluation.dice_before(pairs)
+    before = float(np.mean(before_pairs))   # the "before registration" row / line
     rows, md = evaluation.table1(results, budget, before=before)
     with open(os.path.join(out_dir, "table1.md"), "w") as f:
         f.write(md)
