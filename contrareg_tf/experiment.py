@@ -18,23 +18,33 @@ MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # ------------------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------------------
-def resolve_data(cfg: Config, data=None):
-    """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in proxy at the config's
-    grid (built once in the cache folder ``proxy.build_proxy`` names after its parameters, then reused)."""
+def resolve_data(cfg: Config, data=None, out_dir=None):
+    """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in data of the config's
+    ``data_source`` at its grid (built once in ``out_dir`` or the cache folder ``proxy.build_proxy`` names after
+    its parameters, then reused)."""
     from .data import dataset, proxy
 
     if data is not None:
         return dataset.load_description(data, seed=cfg.seed)
-    return proxy.build_proxy(None, n_subjects=cfg.proxy_subjects,
+    return proxy.build_proxy(out_dir, n_subjects=cfg.proxy_subjects,
                              shape=tuple(cfg.inshape), spacing=cfg.spacing, seed=cfg.seed,
-                             max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape))
+                             max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape), source=cfg.data_source)
+
+
+def label_meta(desc):
+    """``({label: name}, {label: group})`` of a data set: from the built-in data's ``proxy.json``, else
+    ``(None, None)`` (labels are then named by their values and not grouped)."""
+    names = desc.meta.get("label_names") if desc.meta else None
+    groups = desc.meta.get("label_groups") if desc.meta else None
+    return ({int(k): v for k, v in names.items()} if names else None,
+            {int(k): v for k, v in groups.items()} if groups else None)
 
 
 def data_label(cfg, data, desc):
     """How a model card names its data: the user's description path, or the proxy's parameters."""
     if data is not None:
         return os.path.abspath(desc.source or str(data))
-    return (f"built-in proxy: {cfg.proxy_subjects} subjects, {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
+    return (f"built-in data {cfg.data_source}: {cfg.proxy_subjects} subjects, {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
             f"max_disp {cfg.proxy_max_disp:g} vox, seed {cfg.seed}")
 
 
@@ -76,7 +86,8 @@ def pretrain_autoencoder(cfg, modality, out, data=None, iters=None, lr=1e-4, bat
     arr = split_arrays(desc, "train", cfg)
     ae, hist = train_autoencoder(cfg, arr[modality], out, modality=modality, iters=iters, lr=lr,
                                  batch_size=batch_size, resume=resume, progress=progress, command=command)
-    _annotate_card(out, data=data_label(cfg, data, desc))
+    _annotate_card(out, data=data_label(cfg, data, desc), **({} if data is not None else
+                                                             {"data_source": cfg.data_source}))
     return ae, hist
 
 
@@ -110,9 +121,18 @@ def train_method(cfg, loss, out, data=None, **kw):
 
 
 def shipped_autoencoders(cfg):
-    """Paths of the autoencoders shipped in ``models/`` for this preset, or None."""
-    p1, p2 = (os.path.join(MODELS_DIR, f"ae_{m}_{cfg.name}.h5") for m in ("t1", "t2"))
-    return (p1, p2) if os.path.isfile(p1) and os.path.isfile(p2) else None
+    """Paths of the autoencoders shipped in ``models/`` for this preset and its built-in data source (the
+    ``data_source`` of their JSON cards), or None."""
+    paths = tuple(os.path.join(MODELS_DIR, f"ae_{m}_{cfg.name}.h5") for m in ("t1", "t2"))
+    for p in paths:
+        try:
+            with open(os.path.splitext(p)[0] + ".json") as f:
+                card = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not os.path.isfile(p) or card.get("data_source", "mni2009a-synth") != cfg.data_source:
+            return None
+    return paths
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,7 +147,7 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
     from .training import config_from_meta, load_trained
 
     os.makedirs(out_dir, exist_ok=True)
-    results, examples, pairs, before_pairs, cfg0 = {}, {}, None, None, None
+    results, examples, pairs, before_pairs, cfg0, names, groups = {}, {}, None, None, None, None, None
     for run in run_dirs:
         model, meta = load_trained(run)
         cfg = config_from_meta(meta)
@@ -136,12 +156,13 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
             desc = resolve_data(cfg, data)
             pairs = make_test_pairs(split_arrays(desc, split, cfg), n_pairs, seed=cfg.seed)
             before_pairs = evaluation.pair_dice_before(pairs)   # once: the same pairs for every method
+            names, groups = label_meta(desc)
         elif tuple(cfg.inshape) != tuple(cfg0.inshape):
             raise ContraRegInputError(f"{run}: grid {cfg.inshape} differs from {cfg0.inshape} of the first run")
         method = meta["loss"]
         name = method if method not in results else f"{method} ({os.path.basename(os.path.normpath(run))})"
         rows = evaluation.evaluate_lambdas(model, pairs, lambdas=lambdas, progress=progress, desc=f"eval {name}",
-                                           before=before_pairs)
+                                           before=before_pairs, label_names=names, label_groups=groups)
         evaluation.write_csv(rows, os.path.join(out_dir, f"{name.replace(' ', '_')}.csv"))
         results[name] = rows
         best = evaluation.select_lambda(rows, budget) or rows[0]
@@ -155,6 +176,9 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
     evaluation.write_csv(rows, os.path.join(out_dir, "table1.csv"),
                          fields=("method",) + evaluation.TABLE1_FIELDS)
     evaluation.plot_fig3(results, os.path.join(out_dir, "fig3.png"), before=before, budget=budget)
+    if groups:
+        evaluation.plot_groups(results, os.path.join(out_dir, "fig3_groups.png"),
+                               before_groups=evaluation.group_dice_before(pairs, groups))
     evaluation.plot_examples(examples, os.path.join(out_dir, "fig2.png"))
     return md
 

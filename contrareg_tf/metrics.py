@@ -44,21 +44,55 @@ def _label_list(a, b, labels):
     return sorted(x for x in cand if x != 0 and x in present)
 
 
+def _counts(a, b, ids):
+    """(|A_l|, |B_l|, |A_l ∩ B_l|) for every label l of ``ids`` (one pass each via bincount)."""
+    ids = np.asarray(ids, np.int64)
+    lo = int(min(a.min(), b.min()))
+    hi = int(max(a.max(), b.max()))
+    if lo >= 0 and hi < 2 ** 20:
+        n = hi + 1
+        ca, cb = np.bincount(a.ravel(), minlength=n), np.bincount(b.ravel(), minlength=n)
+        ci = np.bincount(a[a == b].ravel(), minlength=n)
+        ok = (ids >= 0) & (ids < n)
+        idx = np.where(ok, ids, 0)
+        return tuple(np.where(ok, c[idx], 0) for c in (ca, cb, ci))
+    ma = [np.count_nonzero(a == j) for j in ids]   # negative or huge label values: plain loop
+    mb = [np.count_nonzero(b == j) for j in ids]
+    mi = [np.count_nonzero((a == j) & (b == j)) for j in ids]
+    return np.array(ma), np.array(mb), np.array(mi)
+
+
+def dice_per_label(a, b, labels):
+    """Dice 2|A∩B| / (|A|+|B|) for each label of ``labels`` -> float array aligned with ``labels``: nan where
+    the label is absent from both maps, 0 where it is present in only one."""
+    a, b = _label_pair(a, b)
+    na, nb, ni = _counts(a, b, labels)
+    den = (na + nb).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2.0 * ni / den, np.nan)
+
+
 def dice(a, b, labels=None):
     """Per-label Dice 2|A∩B| / (|A|+|B|) -> {label: dice}. Background 0 is excluded; a label absent from
     both maps is excluded (also when listed in ``labels``); a label present in only one scores 0."""
     a, b = _label_pair(a, b)
-    out = {}
-    for lab in _label_list(a, b, labels):
-        ma, mb = a == lab, b == lab
-        out[lab] = float(2.0 * np.count_nonzero(ma & mb) / (np.count_nonzero(ma) + np.count_nonzero(mb)))
-    return out
+    ids = _label_list(a, b, labels)
+    return {lab: float(v) for lab, v in zip(ids, dice_per_label(a, b, ids))} if ids else {}
 
 
 def mean_dice(a, b, labels=None):
     """Mean of ``dice(a, b, labels)`` over labels (nan when no label is scored)."""
     d = dice(a, b, labels)
     return float(np.mean(list(d.values()))) if d else float("nan")
+
+
+def pair_structures(fixed, moving):
+    """The structures a registered pair is scored on: labels (≠ 0) present in both the fixed and the moving
+    label map *before* registration. Mean Dice over structures (the paper's "mean Dice over anatomical
+    structures") averages over these; a structure the warp loses from the moved map scores 0, one that only
+    one subject has (e.g. out of a 2-D slice) is not scored."""
+    f, m = _label_pair(fixed, moving, ("fixed", "moving"))
+    return sorted(int(x) for x in np.intersect1d(np.unique(f), np.unique(m)) if x != 0)
 
 
 def dice30(scores, fraction=0.3):

@@ -1,11 +1,12 @@
-"""Built-in proxy data set (contrareg_tf.data.proxy): determinism, anatomy, contrast, warps, 2-D mode."""
-import hashlib
+"""Built-in data, source ``mni2009a-synth`` (contrareg_tf.data.proxy): determinism, anatomy, contrast, warps,
+2-D mode. The default source ``icbm2009c`` is tested in test_icbm.py."""
 import json
 import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import tree_hash
 import scipy.ndimage as ndi
 
 from contrareg_tf.data import proxy
@@ -13,15 +14,7 @@ from contrareg_tf.errors import ContraRegInputError
 
 SHAPE3, SP3, DISP3 = (32, 32, 32), 6.0, 2.0
 SHAPE2, SP2, DISP2 = (48, 56), 4.0, 2.0
-
-
-def _tree_hash(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
+SRC = "mni2009a-synth"
 
 
 def _dice(a, b, labels=(1, 2, 3)):
@@ -36,19 +29,19 @@ def _data(p):
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("proxy")
-    kw = dict(n_subjects=3, shape=SHAPE3, spacing=SP3, max_disp=DISP3, ndim=3)
+    kw = dict(n_subjects=3, shape=SHAPE3, spacing=SP3, max_disp=DISP3, ndim=3, source=SRC)
     return {
         "a": proxy.build_proxy(str(root / "a"), seed=0, **kw),
         "b": proxy.build_proxy(str(root / "b"), seed=0, **kw),
         "c": proxy.build_proxy(str(root / "c"), seed=1, **kw),
         "2d": proxy.build_proxy(str(root / "d2"), n_subjects=3, shape=SHAPE2, spacing=SP2, max_disp=DISP2,
-                                ndim=2, seed=0),
+                                ndim=2, seed=0, source=SRC),
         "root": root,
     }
 
 
 def test_same_seed_identical_bytes_different_seed_differs(builds):
-    ha, hb, hc = (_tree_hash(builds[k].source and os.path.dirname(builds[k].source)) for k in "abc")
+    ha, hb, hc = (tree_hash(builds[k].source and os.path.dirname(builds[k].source)) for k in "abc")
     assert ha == hb and len(ha) == 3 * 6 + 2  # 6 files per subject + dataset.csv + proxy.json
     diff = [k for k in ha if k.startswith("sub-") and ha[k] != hc.get(k)]
     assert len(diff) == 3 * 6  # every subject file depends on the seed
@@ -184,7 +177,7 @@ def test_reuse_and_cache_dir(builds, monkeypatch, tmp_path):
     root = os.path.dirname(d.source)
     t1 = d.subjects[0].t1
     mtime = os.path.getmtime(t1)
-    again = proxy.build_proxy(root, n_subjects=3, shape=SHAPE3, spacing=SP3, max_disp=DISP3, seed=0)
+    again = proxy.build_proxy(root, n_subjects=3, shape=SHAPE3, spacing=SP3, max_disp=DISP3, seed=0, source=SRC)
     assert again.names == d.names and os.path.getmtime(t1) == mtime  # reused, not rewritten
     monkeypatch.setenv("CONTRAREG_CACHE", str(tmp_path / "cache"))
     assert proxy.default_cache_dir() == str(tmp_path / "cache")
@@ -203,14 +196,14 @@ def test_interrupted_build_is_redone(builds, monkeypatch, tmp_path):
         return real_save(*a, **k)
 
     out = str(tmp_path / "p")
-    kw = dict(n_subjects=3, shape=SHAPE3, spacing=SP3, max_disp=DISP3, seed=0)
+    kw = dict(n_subjects=3, shape=SHAPE3, spacing=SP3, max_disp=DISP3, seed=0, source=SRC)
     monkeypatch.setattr(proxy, "save_nifti", flaky_save)
     with pytest.raises(KeyboardInterrupt):
         proxy.build_proxy(out, **kw)
     assert json.load(open(os.path.join(out, "proxy.json")))["complete"] is False
     monkeypatch.setattr(proxy, "save_nifti", real_save)
     proxy.build_proxy(out, **kw)
-    assert _tree_hash(out) == _tree_hash(os.path.dirname(builds["a"].source))
+    assert tree_hash(out) == tree_hash(os.path.dirname(builds["a"].source))
 
 
 def test_bad_parameters(tmp_path):

