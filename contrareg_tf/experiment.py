@@ -111,9 +111,15 @@ def sup_pretrain(cfg, out_dir, data=None, iters=None, lr=1e-4, batch_size=None, 
 
 
 def train_method(cfg, loss, out, data=None, **kw):
-    """Train one λ-conditioned model (``train_hyper.py``)."""
+    """Train one λ-conditioned model (``train_hyper.py``). A contrastive loss without ``ae1``/``ae2`` (and not
+    RandAE) uses the autoencoders shipped in ``models/`` for the preset, when there are any."""
+    from .losses.similarity import is_contrastive
     from .training import train_hyper
 
+    if is_contrastive(loss) and not kw.get("rand_ae") and kw.get("ae1") is None and kw.get("ae2") is None:
+        shipped = shipped_autoencoders(cfg)
+        if shipped:
+            kw["ae1"], kw["ae2"] = shipped
     desc = resolve_data(cfg, data)
     arr = split_arrays(desc, "train", cfg)
     return train_hyper(cfg, loss, out, {"t1": arr["t1"], "t2": arr["t2"], "mask1": arr["mask1"],

@@ -8,6 +8,7 @@ Builds the proxy data, pretrains (or loads) the two autoencoders, trains the λ-
 method, evaluates the 17 λ values, prints Table 1 and writes table1.md/csv, fig3.png and fig2.png.
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -20,7 +21,9 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-demo")
     p.add_argument("--out", default="runs/table1")
-    p.add_argument("--data", default=None, help="data-set description; default: built-in proxy")
+    p.add_argument("--data", default=None, help="data-set description; default: built-in data")
+    p.add_argument("--data-source", help="built-in data: icbm2009c (default; real T1w/T2w + CerebrA) or "
+                   "mni2009a-synth (T2w rendered from tissue maps)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--iters", type=int, help="registration iterations per method (default: the preset's)")
     p.add_argument("--ae-iters", type=int, help="autoencoder iterations if they must be trained")
@@ -39,7 +42,10 @@ def main(argv=None):
     from contrareg_tf import experiment
     from contrareg_tf.config import get_preset
 
-    table_md = experiment.reproduce_table1(get_preset(a.preset), a.out, methods=a.methods, data=a.data,
+    cfg = get_preset(a.preset)
+    if a.data_source:
+        cfg = dataclasses.replace(cfg, data_source=a.data_source)
+    table_md = experiment.reproduce_table1(cfg, a.out, methods=a.methods, data=a.data,
                                            iters=a.iters, ae_iters=a.ae_iters, ae1=a.ae1, ae2=a.ae2,
                                            n_pairs=a.pairs, resume=a.resume, progress=not a.no_progress,
                                            workers=a.workers)

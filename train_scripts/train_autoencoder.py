@@ -21,6 +21,7 @@ def parse(argv):
     p.add_argument("--out", required=True, help=".h5 path (or a folder with --sup-pretrain)")
     p.add_argument("--preset", default="paper")
     p.add_argument("--data", default=None, help="data-set description (CSV or folder); default: built-in proxy")
+    p.add_argument("--data-source", help="built-in data: icbm2009c (default) or mni2009a-synth")
     p.add_argument("--iters", type=int)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (not in the paper; 1e-4)")
     p.add_argument("--batch-size", type=int)
@@ -41,6 +42,8 @@ def main(argv=None):
     cfg = get_preset(args.preset)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
+    if args.data_source:
+        cfg = dataclasses.replace(cfg, data_source=args.data_source)
     kw = dict(data=args.data, iters=args.iters, lr=args.lr, batch_size=args.batch_size, resume=args.resume,
               progress=not args.no_progress, command=" ".join(sys.argv))
     if args.sup_pretrain:
