@@ -1,56 +1,125 @@
 """Register a NIfTI pair with a trained λ-conditioned model (``eval_scripts/register.py``).
 
-All inputs are loaded and validated before anything is written; outputs keep the fixed image's affine and
-header. Warps follow voxelmorph's ``register.py`` convention: displacement in voxel units, index (ij) order,
-shape (*vol, ndim), saved with the fixed image's affine.
+Physical space (``data/physical.py``): both images are loaded by ``physical.load_pair`` — the fixed image
+reoriented to canonical RAS order, the moving image (and labels) resampled onto that grid through world
+coordinates, optionally after an ANTs affine (``affine='ants'``). Outputs are written on the fixed image's
+own grid with its affine and header: ``moved`` = the original moving image resampled once through the full
+warp (its own intensities, not the network's normalised input), ``moved_labels`` = the moving labels, nearest
+neighbour, in the label file's own integer type. Warps follow voxelmorph's convention (voxel units of the fixed
+grid, ij order, (*vol, ndim)) and include the affine pre-alignment; ``itk_warp_out`` writes the same warp as
+an ITK/ANTs displacement field (LPS mm, ``data/itk.py``).
+
+Any grid (the model window): the network runs at the spacing it was trained at (``spacing`` of the run's
+``config.json``, or ``model_spacing``), on a window of the canonical fixed grid resampled to that spacing
+(Gaussian anti-aliasing, σ = (r − 1)/2 fixed voxels for a down-sampling factor r > 1), axis-aligned with it and
+covering the bounding box of both images' foreground (intensity above 5 % of the robust range after
+percentile normalisation, fixed ∪ moving) plus ``MODEL_MARGIN`` model voxels, rounded up to a size the U-Net
+accepts (divisible by 2**(nb_levels−1), and by int_resolution when integrating). The window's displacement is
+interpolated back onto the full fixed grid (linear, scaled by r to fixed voxels). Outside the window the warp
+continues the window border's displacement (constant extension, so it is continuous); no foreground voxel lies
+outside the window by construction, so nothing of the brain is cut off.
 
 The networks are trained with source = T2w and target = T1w (``losses/similarity.py``). A pair whose moving
 image is the T1w (``moving_modality='t1'``) is run the other way round and its inverse outputs (I1∘φ⁻¹, the
 warp from integrating −v) are used, so either direction uses what the model learned.
 """
-import os
+import math
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ContraRegInputError
+from .errors import ContraRegInputError, ContraRegWarning
+
+MODEL_MARGIN = 2           # model-grid voxels of background kept around the foreground bounding box
+FOREGROUND_LEVEL = 0.05    # foreground = normalised intensity above this (for the window only)
+FOLD_WARNING = 20.0        # % folding voxels above which a written result is flagged
 
 
 @dataclass
 class RegistrationResult:
-    moved: np.ndarray                     # moving image resampled onto the fixed grid
-    warp: np.ndarray                      # (*vol, ndim) displacement, voxel units, moving → fixed
+    moved: np.ndarray                     # moving image resampled onto the fixed grid (its own intensities)
+    warp: np.ndarray                      # (*vol, ndim) displacement, fixed voxels (incl. any affine)
     inverse_warp: np.ndarray
     lam: float
     folds: float                          # % folding voxels of the warp
     moved_labels: Optional[np.ndarray] = None
+    window: Optional["Window"] = None
 
 
-def _check_outputs(paths):
-    for p in paths:
-        if p is None:
-            continue
-        d = os.path.dirname(os.path.abspath(p))
-        if not os.path.isdir(d):
-            raise ContraRegInputError(f"{p}: output folder {d} does not exist")
-        if not (p.endswith(".nii") or p.endswith(".nii.gz")):
-            raise ContraRegInputError(f"{p}: outputs are NIfTI; use a .nii or .nii.gz name")
+@dataclass(frozen=True)
+class Window:
+    """The model's input grid: ``shape``; ``affine`` maps window voxels to canonical fixed voxels
+    (scale ``scale`` fixed voxels per window voxel, then a shift)."""
+    shape: Tuple[int, ...]
+    affine: np.ndarray
+    scale: Tuple[float, ...]
 
 
-def _prep(x, shape):
-    from .data.io import crop_or_pad, normalize_intensity
+def warn_if_folding(folds: float, cause: str) -> bool:
+    """Warn (``ContraRegWarning``) when a written warp folds more than ``FOLD_WARNING`` % of its voxels."""
+    if folds > FOLD_WARNING:
+        warnings.warn(f"the warp folds {folds:.1f} % of the voxels (> {FOLD_WARNING:g} %): the result is not a "
+                      f"plausible deformation; likely cause: {cause}", ContraRegWarning, stacklevel=2)
+        return True
+    return False
 
-    return crop_or_pad(normalize_intensity(x), shape)
+
+def unet_divisor(cfg) -> int:
+    """The size every model input axis must be divisible by (the rule of ``networks.hyper._validate``)."""
+    div = 2 ** (int(cfg.nb_levels) - 1)
+    return int(np.lcm(div, int(cfg.int_resolution))) if int(cfg.int_steps) > 0 else div
 
 
-def _validate_request(fixed, moving, moving_labels, lam, max_folds, moving_modality):
+def _foreground(x: np.ndarray) -> np.ndarray:
+    from .data.io import normalize_intensity
+
+    return normalize_intensity(x) > FOREGROUND_LEVEL
+
+
+def model_window(fixed_c: np.ndarray, moving_c: np.ndarray, spacing_c: Sequence[float], model_spacing: float,
+                 divisor: int, margin: int = MODEL_MARGIN) -> Window:
+    """The window (module docstring) for a pair on the canonical fixed grid of voxel size ``spacing_c``."""
+    if not (np.isfinite(model_spacing) and model_spacing > 0):
+        raise ContraRegInputError(f"model spacing must be a positive number of mm, got {model_spacing}")
+    r = np.asarray(model_spacing, np.float64) / np.asarray(spacing_c, np.float64)
+    fg = _foreground(fixed_c) | _foreground(moving_c)
+    idx = np.argwhere(fg)
+    if idx.size == 0:
+        raise ContraRegInputError("the fixed and moving images have no foreground")
+    lo = np.floor(idx.min(0) / r).astype(int) - margin
+    hi = np.ceil(idx.max(0) / r).astype(int) + margin
+    size = hi - lo + 1
+    shape = tuple(int(math.ceil(s / divisor) * divisor) for s in size)
+    start = lo - (np.array(shape) - size) // 2
+    aff = np.diag(list(r) + [1.0])
+    aff[:-1, -1] = r * start
+    return Window(shape=shape, affine=aff, scale=tuple(float(v) for v in r))
+
+
+def to_window(x: np.ndarray, win: Window) -> np.ndarray:
+    """Resample a canonical-grid image into the window (linear, anti-aliased when down-sampling)."""
+    import scipy.ndimage as ndi
+
+    from .data.physical import sample
+
+    sig = [max(0.0, (s - 1.0) / 2.0) for s in win.scale]
+    x = ndi.gaussian_filter(np.asarray(x, np.float32), sig, mode="nearest") if max(sig) > 0 else x
+    return sample(x, np.eye(x.ndim + 1), win.shape, win.affine).astype(np.float32)
+
+
+def warp_from_window(u_w: np.ndarray, win: Window, shape: Sequence[int]) -> np.ndarray:
+    """A window displacement (window voxels) as a displacement of the canonical fixed grid ``shape``
+    (fixed voxels): linear interpolation, constant extension outside the window."""
+    from .data.physical import sample
+
+    u = sample(np.asarray(u_w, np.float32), win.affine, shape, np.eye(len(shape) + 1), mode="nearest")
+    return (u * np.asarray(win.scale, np.float32)).astype(np.float32)
+
+
+def _validate_request(lam, max_folds, moving_modality):
     """Cheap checks first (before a model is built or anything is written)."""
-    from .data.io import check_same_shape
-
-    check_same_shape(fixed, moving, ("fixed", "moving"))
-    if moving_labels is not None:
-        check_same_shape(moving, moving_labels, ("moving", "moving labels"))
     if (lam is None) == (max_folds is None):
         raise ContraRegInputError("give exactly one of --lambda or --max-folds")
     if lam is not None and not (0.0 <= float(lam) <= 1.0):
@@ -61,62 +130,78 @@ def _validate_request(fixed, moving, moving_labels, lam, max_folds, moving_modal
         raise ContraRegInputError(f"moving modality must be 't1' or 't2', got {moving_modality!r}")
 
 
-def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modality="t2", moving_labels=None):
-    """Register numpy arrays (same shape) with a λ-conditioned model; crop/pad to the model's grid and back."""
-    from . import metrics
-    from .data.io import uncrop
+def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modality="t2"):
+    """Register two arrays of the model's input shape (already on one grid, any intensities: each is
+    percentile-normalised here). Returns ``(fwd, inv, lam)``: displacements (*vol, ndim) in voxels of that
+    grid, moving → fixed and back."""
+    from .data.io import check_same_shape, normalize_intensity
     from .evaluation import choose_lambda
-    from .networks.hyper import register, warp
+    from .networks.hyper import register
 
-    _validate_request(fixed, moving, moving_labels, lam, max_folds, moving_modality)
+    _validate_request(lam, max_folds, moving_modality)
+    check_same_shape(fixed, moving, ("fixed", "moving"))
     shape = tuple(model.inputs[0].shape[1:-1])
-    if len(shape) != fixed.ndim:
-        raise ContraRegInputError(f"model is {len(shape)}-D but the images are {fixed.ndim}-D")
-    (f, info), (m, _) = _prep(fixed, shape), _prep(moving, shape)
+    if tuple(np.shape(fixed)) != shape:
+        raise ContraRegInputError(f"images of shape {np.shape(fixed)} do not match the model input {shape}")
+    f, m = normalize_intensity(fixed), normalize_intensity(moving)
     # source must be the T2w: swap when the moving image is the T1w and use the inverse outputs
     src, trg = (m, f) if moving_modality == "t2" else (f, m)
     if max_folds is not None:
         lam, _, _ = choose_lambda(model, src, trg, max_folds)
-    y_src, pos, neg = register(model, src, trg, lam)
-    if moving_modality == "t2":
-        fwd, inv = pos[0], neg[0]
-        moved = y_src[0, ..., 0]
-    else:
-        fwd, inv = neg[0], pos[0]
-        moved = np.asarray(warp(m[None, ..., None], fwd[None], interp="linear"))[0, ..., 0]
-    folds = metrics.folding_fraction(metrics.jacobian_determinant(fwd))
-    out_labels = None
-    if moving_labels is not None:
-        from .data.io import crop_or_pad
-
-        lab, _ = crop_or_pad(np.asarray(moving_labels), shape)
-        out_labels = np.asarray(warp(lab[None, ..., None], fwd[None], interp="nearest"))[0, ..., 0]
-        out_labels = uncrop(out_labels, info).astype(np.int16)
-    return RegistrationResult(moved=uncrop(moved, info), warp=uncrop(fwd, info), inverse_warp=uncrop(inv, info),
-                              lam=float(lam), folds=float(folds), moved_labels=out_labels)
+    _, pos, neg = register(model, src, trg, lam)
+    fwd, inv = (pos[0], neg[0]) if moving_modality == "t2" else (neg[0], pos[0])
+    return fwd, inv, float(lam)
 
 
 def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, warp_out=None,
-                   inverse_warp_out=None, moving_labels=None, moved_labels_out=None, moving_modality="t2"):
-    """File-level registration: validate everything, then write the requested outputs."""
-    from .data.io import load_nifti, save_nifti
-    from .training import load_trained
+                   inverse_warp_out=None, moving_labels=None, moved_labels_out=None, moving_modality="t2",
+                   affine="none", itk_warp_out=None, model_spacing=None):
+    """File-level registration: validate every argument and input, then compute, then write the outputs."""
+    import os
 
-    _check_outputs([moved_out, warp_out, inverse_warp_out, moved_labels_out])
+    from . import metrics
+    from .data.io import check_output_paths, label_dtype, save_nifti
+    from .data.itk import save_itk_displacement
+    from .data.physical import load_pair
+    from .training import load_trained, read_run
+
     if (moving_labels is None) != (moved_labels_out is None):
         raise ContraRegInputError("--moving-labels and --moved-labels go together")
-    fv = load_nifti(fixed)
-    mv = load_nifti(moving, ndim=fv.ndim)
-    lv = load_nifti(moving_labels, ndim=fv.ndim) if moving_labels else None
-    _validate_request(fv.data, mv.data, None if lv is None else lv.data, lam, max_folds, moving_modality)
-    model, _ = load_trained(run_dir)
-    res = register_arrays(model, fv.data, mv.data, lam=lam, max_folds=max_folds,
-                          moving_modality=moving_modality, moving_labels=None if lv is None else lv.data)
-    save_nifti(moved_out, res.moved.astype(np.float32), like=fv)
-    if warp_out:
-        save_nifti(warp_out, res.warp.astype(np.float32), like=fv)
+    inputs = {"--fixed": fixed, "--moving": moving, "--moving-labels": moving_labels,
+              "--model config.json": os.path.join(run_dir, "config.json"),
+              "--model model.h5": os.path.join(run_dir, "model.h5")}
+    check_output_paths({"--moved": moved_out, "--warp": warp_out, "--inverse-warp": inverse_warp_out,
+                        "--moved-labels": moved_labels_out, "--itk-warp": itk_warp_out}, inputs)
+    _validate_request(lam, max_folds, moving_modality)
+    meta, cfg = read_run(run_dir)
+    spacing = float(model_spacing if model_spacing is not None else meta.get("data_spacing", cfg.spacing))
+    pair = load_pair(fixed, moving, moving_labels=moving_labels, affine=affine)
+    if pair.ndim != len(cfg.inshape):
+        raise ContraRegInputError(f"model is {len(cfg.inshape)}-D but the images are {pair.ndim}-D")
+    if itk_warp_out and pair.ndim != 3:
+        raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
+    win = model_window(pair.fixed_c, pair.moving_c, pair.spacing_c, spacing, unet_divisor(cfg))
+    model, _ = load_trained(run_dir, inshape=win.shape)
+    fwd, inv, lam = register_arrays(model, to_window(pair.fixed_c, win), to_window(pair.moving_c, win),
+                                    lam=lam, max_folds=max_folds, moving_modality=moving_modality)
+    shape_c = pair.fixed_c.shape
+    warp = pair.total_warp(warp_from_window(fwd, win, shape_c))
+    folds = float(metrics.folding_fraction(metrics.jacobian_determinant(warp)))
+    res = RegistrationResult(moved=pair.moved(warp), warp=warp, inverse_warp=None, lam=lam, folds=folds,
+                             window=win)
     if inverse_warp_out:
-        save_nifti(inverse_warp_out, res.inverse_warp.astype(np.float32), like=fv)
+        res.inverse_warp = pair.total_inverse_warp(warp_from_window(inv, win, shape_c))
+    if moving_labels is not None:
+        res.moved_labels = pair.moved_labels(warp)
+    # ---- write (every check above has passed)
+    save_nifti(moved_out, res.moved, like=pair.fixed)
+    if warp_out:
+        save_nifti(warp_out, warp.astype(np.float32), like=pair.fixed)
+    if inverse_warp_out:
+        save_nifti(inverse_warp_out, res.inverse_warp.astype(np.float32), like=pair.fixed)
     if moved_labels_out:
-        save_nifti(moved_labels_out, res.moved_labels, like=fv)
+        save_nifti(moved_labels_out, res.moved_labels, like=pair.fixed, dtype=label_dtype(pair.moving_labels))
+    if itk_warp_out:
+        save_itk_displacement(itk_warp_out, warp, pair.fixed)
+    warn_if_folding(folds, "too small a λ for this pair (use --max-folds, or a larger --lambda)")
     return res

@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from .config import PAPER
-from .errors import ContraRegInputError
+from .errors import ContraRegInputError, RegistrationDiverged
 
 IO_LEVELS = 3
 IO_LRS = (1e-2, 5e-3, 3e-3)          # DNS paper Table 4
@@ -90,6 +90,28 @@ def _per_level(v, levels, name, cast=float):
     if len(v) != levels:
         raise ContraRegInputError(f"{name}: expected {levels} values (one per level), got {len(v)}: {v}")
     return [cast(x) for x in v]
+
+
+def check_schedule(levels, lrs, iters, reg_weights, smooth_sigma=IO_SMOOTH_SIGMA, int_steps=7):
+    """Validate the optimisation schedule before anything is computed: ``levels`` >= 1, one (or a broadcast
+    scalar) finite lr > 0, iters >= 0 and finite reg weight >= 0 per level, a finite ``smooth_sigma`` >= 0,
+    ``int_steps`` >= 0. Returns ``(levels, lrs, iters, reg_weights)`` as per-level lists."""
+    levels = int(levels)
+    if levels < 1:
+        raise ContraRegInputError(f"levels must be >= 1, got {levels}")
+    lrs = _per_level(lrs, levels, "lrs")
+    iters = _per_level(iters, levels, "iters", int)
+    regw = _per_level(reg_weights, levels, "reg_weights")
+    for name, vals in (("lrs", lrs), ("reg_weights", regw), ("smooth_sigma", [smooth_sigma or 0.0])):
+        if not all(math.isfinite(v) for v in vals):
+            raise ContraRegInputError(f"{name} must be finite numbers, got {vals}")
+    if any(i < 0 for i in iters) or any(lr <= 0 for lr in lrs) or any(w < 0 for w in regw):
+        raise ContraRegInputError(f"need lrs > 0, iters >= 0, reg_weights >= 0; got {lrs}, {iters}, {regw}")
+    if smooth_sigma is not None and smooth_sigma < 0:
+        raise ContraRegInputError(f"smooth_sigma must be >= 0 (0 = no smoothing), got {smooth_sigma}")
+    if int(int_steps) < 0:
+        raise ContraRegInputError(f"int_steps must be >= 0, got {int_steps}")
+    return levels, lrs, iters, regw
 
 
 def level_shapes(shape, levels=IO_LEVELS, min_scale=IO_MIN_SCALE):
@@ -214,7 +236,8 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
 
     ``features``: 'mindssc' (dilation = mind_distance, radius = mind_patch // 2), 'mind', 'dns'
     (``dns_model``: a MASR-Net Keras model or a .h5 path, default the shipped ``models/dns_proxy{2,3}d.h5``;
-    descriptors by ``networks.masr.dns_features``, L2-normalised, sizes divisible by 8), 'ae'
+    descriptors by ``networks.masr.dns_features``, L2-normalised; any size: mirror-padded to a multiple of 8
+    and cropped back, ``_pad8``), 'ae'
     (``ae_models=(A1, A2)``: T1w and T2w autoencoders, models or .h5 paths; A1 is applied to the image whose
     modality is T1w: the moving one when ``moving_modality='t1'``), a callable used for both images, or a
     pair of callables (fixed, moving)."""
@@ -250,7 +273,7 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
                                           f"model); no shipped {ndim}-D weights at {default_weights_path(ndim)}")
             dns_model = default_weights_path(ndim)
         model = _load_model(dns_model, _load, "dns")
-        f = lambda x: dns_features(x, model)  # noqa: E731
+        f = lambda x: _pad8(lambda y: dns_features(y, model), x)  # noqa: E731
         return f, f
     if features == "ae":
         if ae_models is None or len(ae_models) != 2:
@@ -267,6 +290,20 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
         return (lambda x: ae_features(af, x, ae_layers)), (lambda x: ae_features(am, x, ae_layers))
     raise ContraRegInputError(f"unknown features {features!r}; choose one of {', '.join(FEATURE_NAMES)} "
                               f"or pass a callable")
+
+
+def _pad8(feature_fn, x):
+    """``feature_fn`` (MASR-Net: sizes divisible by 8) on ``x`` (B, *vol, C) of any size: symmetric (mirror)
+    padding of each spatial axis up to the next multiple of 8 (the extra voxel of an odd amount at the end),
+    descriptors cropped back to ``x``'s grid. Sizes already divisible by 8 pass through unchanged."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    vol = x.shape[1:-1]
+    pads = [((-n) % 8) for n in vol]
+    if not any(pads):
+        return feature_fn(x)
+    spec = [[0, 0]] + [[p // 2, p - p // 2] for p in pads] + [[0, 0]]
+    y = feature_fn(tf.pad(x, spec, mode="SYMMETRIC"))
+    return y[(slice(None),) + tuple(slice(p // 2, p // 2 + n) for p, n in zip(pads, vol))]
 
 
 # -------------------------------------------------------------------------------------------- core
@@ -386,14 +423,7 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     mv = _as_batch(moving, "moving", ndim)
     if fx.shape[:-1] != mv.shape[:-1]:
         raise ContraRegInputError(f"shape mismatch: fixed {fx.shape} vs moving {mv.shape} (B, *vol, C)")
-    levels = int(levels)
-    lrs = _per_level(lrs, levels, "lrs")
-    iters = _per_level(iters, levels, "iters", int)
-    regw = _per_level(reg_weights, levels, "reg_weights")
-    if any(i < 0 for i in iters) or any(lr <= 0 for lr in lrs) or any(w < 0 for w in regw):
-        raise ContraRegInputError(f"need lrs > 0, iters >= 0, reg_weights >= 0; got {lrs}, {iters}, {regw}")
-    if int(int_steps) < 0:
-        raise ContraRegInputError(f"int_steps must be >= 0, got {int_steps}")
+    levels, lrs, iters, regw = check_schedule(levels, lrs, iters, reg_weights, smooth_sigma, int_steps)
     vol = fx.shape[1:-1]
     shapes = level_shapes(vol, levels, min_scale)
 
@@ -428,7 +458,9 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     bar.close()
 
     if not bool(tf.reduce_all(tf.math.is_finite(param))):
-        raise FloatingPointError("instance optimisation diverged (NaN/Inf in the displacement)")
+        raise RegistrationDiverged(f"instance optimisation diverged (NaN/Inf in the displacement); likely cause: "
+                                   f"too high a learning rate (lrs {lrs}) or too low a regularisation weight "
+                                   f"(reg_weights {regw})")
     if tuple(param.shape[1:-1]) != tuple(vol):
         param = resize_linear(param, vol)
     v = param * tf.constant([(n - 1) / 2.0 for n in vol], tf.float32)
@@ -444,6 +476,6 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
                     level_shapes=shapes, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["instance_optimise", "IOResult", "feature_provider", "ae_features", "level_shapes", "diffusion",
+__all__ = ["instance_optimise", "check_schedule", "IOResult", "feature_provider", "ae_features", "level_shapes", "diffusion",
            "resize_linear", "gaussian_smooth", "warp", "FEATURE_NAMES", "IO_LRS", "IO_ITERS",
            "IO_REG_WEIGHTS", "IO_LEVELS", "IO_SMOOTH_SIGMA", "IO_MIN_SCALE"]

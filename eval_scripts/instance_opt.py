@@ -7,9 +7,16 @@
         --moved moved.nii.gz --warp warp.nii.gz --moving-labels t1_labels.nii.gz \\
         --moved-labels moved_labels.nii.gz --fixed-labels t2_labels.nii.gz
 
-Images are percentile-normalised to [0, 1] (``--no-normalize`` to skip). Outputs keep the fixed image's
-affine/header; the warp is voxelmorph's convention: displacement in voxel units, ij order, shape
-(*vol, ndim). Every input is checked before anything is written.
+Physical space (contrareg_tf/data/physical.py): the fixed image is reoriented to canonical RAS order, the
+moving image and labels are resampled onto its world grid (any orientation, voxel size or field of view), after
+an ANTs affine with ``--affine ants``; the optimisation runs there. Outputs are on the fixed image's own grid,
+with its affine/header: ``--moved`` = the moving image (its own intensities) resampled once through the full
+warp; ``--moved-labels`` in the label file's integer type; ``--warp`` = voxelmorph's convention, displacement in
+voxel units of the fixed grid, ij order, shape (*vol, ndim), affine included (the moving point of fixed voxel x
+is at world A_fixed·(x + u(x))); ``--itk-warp`` = the same as an ITK/ANTs displacement field (LPS mm).
+Images are percentile-normalised to [0, 1] (``--no-normalize`` to skip). Every input and output path is
+checked before anything is computed or written (an output may not name an input or another output); a warp
+folding > 20 % of the voxels is written with a ``warning:`` naming the likely cause.
 """
 import argparse
 import os
@@ -51,6 +58,11 @@ def parse(argv):
     p.add_argument("--moving-labels", help="label map of the moving image")
     p.add_argument("--moved-labels", help="output: moving labels warped (nearest neighbour)")
     p.add_argument("--fixed-labels", help="label map of the fixed image: prints Dice before / after")
+    p.add_argument("--affine", default="none", choices=("none", "ants"),
+                   help="affine pre-alignment: 'ants' = ANTs affine, mutual information (antspyx), composed with "
+                   "the deformable warp in every output; 'none' warns when the pair looks mis-aligned")
+    p.add_argument("--itk-warp", help="output: the warp as an ITK/ANTs displacement field (LPS mm; "
+                   "antsApplyTransforms -t / ants.apply_transforms accept it)")
     p.add_argument("--diffeomorphic", action="store_true", help="optimise an SVF (scaling and squaring)")
     p.add_argument("--int-steps", type=int, default=7)
     p.add_argument("--levels", type=int, default=IO_LEVELS, help="pyramid levels, half to full size")
@@ -63,30 +75,9 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def _check_out(path, arg):
-    from contrareg_tf.data.io import NIFTI_EXTS
-
-    if path is None:
-        return
-    if not path.endswith(NIFTI_EXTS):
-        raise ContraRegInputError(f"{arg} {path}: output file name must end with .nii or .nii.gz")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ContraRegInputError(f"{arg} {path}: output folder {folder} does not exist")
-
-
 def _check_file(path, arg):
     if path is None or not os.path.isfile(path):
         raise ContraRegInputError(f"{arg} {path}: file not found")
-
-
-def _labels(vol, arg):
-    import numpy as np
-
-    lab = np.rint(vol.data)
-    if not np.allclose(lab, vol.data, atol=1e-3):
-        raise ContraRegInputError(f"{arg} {vol.path}: label map must hold integer labels")
-    return lab.astype(np.int32)
 
 
 def main(argv=None):
@@ -94,41 +85,34 @@ def main(argv=None):
     import numpy as np
 
     from contrareg_tf import metrics
-    from contrareg_tf.data.io import check_same_shape, load_nifti, normalize_intensity, save_nifti
-    from contrareg_tf.instance_opt import instance_optimise, warp
+    from contrareg_tf.data.io import check_output_paths, label_dtype, normalize_intensity, save_nifti
+    from contrareg_tf.data.itk import save_itk_displacement
+    from contrareg_tf.data.physical import load_pair
+    from contrareg_tf.inference import warn_if_folding
+    from contrareg_tf.instance_opt import check_schedule, instance_optimise
 
-    # ---- validate everything before any output is written
+    # ---- validate everything before anything is computed or written
     if a.moved_labels and not a.moving_labels:
         raise ContraRegInputError("--moved-labels needs --moving-labels")
     if a.fixed_labels and not a.moving_labels:
         raise ContraRegInputError("--fixed-labels (Dice) needs --moving-labels")
     if a.inverse_warp and not a.diffeomorphic:
         raise ContraRegInputError("--inverse-warp needs --diffeomorphic")
-    outs = {"--moved": a.moved, "--warp": a.warp, "--inverse-warp": a.inverse_warp,
-            "--moved-labels": a.moved_labels}
-    for arg, path in outs.items():
-        _check_out(path, arg)
-    given = [p for p in outs.values() if p]
-    if len(set(map(os.path.abspath, given))) != len(given):
-        raise ContraRegInputError("two outputs name the same file")
+    inputs = {"--fixed": a.fixed, "--moving": a.moving, "--moving-labels": a.moving_labels,
+              "--fixed-labels": a.fixed_labels, "--dns-model": a.dns_model, "--ae1": a.ae1, "--ae2": a.ae2}
+    check_output_paths({"--moved": a.moved, "--warp": a.warp, "--inverse-warp": a.inverse_warp,
+                        "--moved-labels": a.moved_labels, "--itk-warp": a.itk_warp}, inputs)
+    check_schedule(a.levels, a.lrs, a.iters, a.reg_weights, a.smooth_sigma, a.int_steps)
     if a.features == "dns" and a.dns_model is not None:
         _check_file(a.dns_model, "--dns-model")
     if a.features == "ae":
         _check_file(a.ae1, "--ae1")
         _check_file(a.ae2, "--ae2")
-    fixed = load_nifti(a.fixed)
-    moving = load_nifti(a.moving, ndim=fixed.ndim)
-    check_same_shape(fixed, moving, ("--fixed", "--moving"))
-    mlab = flab = None
-    if a.moving_labels:
-        mvol = load_nifti(a.moving_labels, ndim=fixed.ndim)
-        check_same_shape(fixed, mvol, ("--fixed", "--moving-labels"))
-        mlab = _labels(mvol, "--moving-labels")
-    if a.fixed_labels:
-        fvol = load_nifti(a.fixed_labels, ndim=fixed.ndim)
-        check_same_shape(fixed, fvol, ("--fixed", "--fixed-labels"))
-        flab = _labels(fvol, "--fixed-labels")
-    fx, mv = fixed.data, moving.data
+    pair = load_pair(a.fixed, a.moving, moving_labels=a.moving_labels, fixed_labels=a.fixed_labels,
+                     affine=a.affine)
+    if a.itk_warp and pair.ndim != 3:
+        raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
+    fx, mv = pair.fixed_c, pair.moving_c
     if not a.no_normalize:
         fx, mv = normalize_intensity(fx), normalize_intensity(mv)
     kw = {}
@@ -137,30 +121,37 @@ def main(argv=None):
     if a.features == "ae":
         kw.update(ae_models=(a.ae1, a.ae2), moving_modality=a.moving_modality)
 
-    # ---- register
+    # ---- register (on the canonical fixed grid)
     res = instance_optimise(fx[None, ..., None], mv[None, ..., None], features=a.features, levels=a.levels,
                             lrs=a.lrs, iters=a.iters, reg_weights=a.reg_weights, smooth_sigma=a.smooth_sigma,
                             diffeomorphic=a.diffeomorphic, int_steps=a.int_steps, progress=not a.quiet, **kw)
-    u = res.disp[0]
+    u = pair.total_warp(res.disp[0])
     jac = metrics.jacobian_determinant(u)
+    folds = metrics.folding_fraction(jac)
     print(f"features {a.features}: {res.seconds:.1f} s, similarity {float(res.final_similarity[0]):.4f}, "
-          f"folds {metrics.folding_fraction(jac):.3f} %, std log|J| {metrics.std_log_jacobian(jac):.3f}")
+          f"folds {folds:.3f} %, std log|J| {metrics.std_log_jacobian(jac):.3f}")
+    moved_lab = pair.moved_labels(u) if pair.moving_labels is not None else None
 
-    # ---- write outputs (fixed affine/header)
+    # ---- write outputs (fixed grid, affine and header)
     if a.moved:
-        save_nifti(a.moved, warp(moving.data[None, ..., None], res.disp)[0, ..., 0], like=fixed)
+        save_nifti(a.moved, pair.moved(u), like=pair.fixed)
     if a.warp:
-        save_nifti(a.warp, u, like=fixed)
+        save_nifti(a.warp, u, like=pair.fixed)
     if a.inverse_warp:
-        save_nifti(a.inverse_warp, res.inverse[0], like=fixed)
-    moved_lab = None
-    if mlab is not None:
-        moved_lab = warp(mlab[None, ..., None], res.disp, interp="nearest")[0, ..., 0]
-        if a.moved_labels:
-            save_nifti(a.moved_labels, moved_lab, like=fixed)
-    if flab is not None and mlab is not None:
-        before, after = metrics.mean_dice(flab, mlab), metrics.mean_dice(flab, moved_lab)
-        print(f"Dice before {before:.4f}  after {after:.4f}")
+        save_nifti(a.inverse_warp, pair.total_inverse_warp(res.inverse[0]), like=pair.fixed)
+    if a.moved_labels:
+        save_nifti(a.moved_labels, moved_lab, like=pair.fixed, dtype=label_dtype(pair.moving_labels))
+    if a.itk_warp:
+        save_itk_displacement(a.itk_warp, u, pair.fixed)
+    if pair.fixed_labels is not None:
+        flab = pair.fixed_labels.data
+        no_warp = np.zeros(pair.fixed.shape + (pair.ndim,), np.float32)  # world-space identity
+        before = metrics.mean_dice(flab, pair.moved_labels(no_warp))
+        aligned = f"  after affine {metrics.mean_dice(flab, pair.moved_labels(pair.total_warp(None))):.4f}" \
+            if a.affine == "ants" else ""
+        print(f"Dice before {before:.4f}{aligned}  after {metrics.mean_dice(flab, moved_lab):.4f}")
+    warn_if_folding(folds, f"too high a learning rate (--lrs {','.join(f'{v:g}' for v in a.lrs)}) or too low a "
+                           f"regularisation weight (--reg-weights {','.join(f'{v:g}' for v in a.reg_weights)})")
     return 0
 
 

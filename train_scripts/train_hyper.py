@@ -6,6 +6,8 @@
 
 Defaults are the paper's (``--preset paper``: 3-D 160×192×160, ch=64, ts=5, lr 5e-5, 1e5 iterations); data
 default to the built-in proxy at the preset's grid. ``--resume`` continues exactly from the last checkpoint.
+``--out`` is locked while the run lasts (``OUT/train.lock``: holder's PID and host); a second run into the
+same folder exits 2 naming the holder, and a stale lock (dead PID on this host) is taken over with a warning.
 """
 import argparse
 import dataclasses
@@ -48,21 +50,29 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    from contrareg_tf import experiment
     from contrareg_tf.config import get_preset
+    from contrareg_tf.lock import out_dir_lock
 
     cfg = get_preset(args.preset)
     over = {k: v for k, v in dict(ch=args.ch, int_steps=args.int_steps, num_patches=args.num_patches,
                                   ckpt_every=args.ckpt_every, seed=args.seed).items() if v is not None}
     cfg = dataclasses.replace(cfg, **over)
+    command = " ".join(sys.argv)
+    with out_dir_lock(args.out, command):  # before the data are built: a second run stops at once
+        _train(args, cfg, command)
+    print(f"done: {args.out}")
+    return 0
+
+
+def _train(args, cfg, command):
+    from contrareg_tf import experiment
+
     experiment.train_method(cfg, args.loss, args.out, data=args.data, ae1=args.ae1, ae2=args.ae2,
                             rand_ae=args.rand_ae, dns_model=args.dns_model, iters=args.iters, lr=args.lr,
                             batch_size=args.batch_size, resume=args.resume, strategy=args.strategy,
                             conditioning=args.conditioning, mixed_precision=args.mixed_precision, xla=args.xla,
                             reg_penalty=args.reg_penalty, progress=not args.no_progress,
-                            command=" ".join(sys.argv))
-    print(f"done: {args.out}")
-    return 0
+                            command=command)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Two sources (paper §3: dHCP T1w/T2w, 405/23/64 train/val/test):
 - a CSV with columns ``subject,t1,t2,labels[,mask][,split]`` (paths may be relative to the CSV's folder;
-  other columns are kept in ``Subject.extra``);
+  other columns are kept in ``Subject.extra``), UTF-8 with or without a byte-order mark (spreadsheets write one);
 - a folder ``ROOT/<subject>/{t1,t2,labels[,mask]}.nii.gz`` (``.nii`` also accepted).
 Without a split column, subjects get a deterministic split from a seed with the paper's 405/23/64 ratios
 scaled to the count (at least 1 val and 1 test subject when n >= 3).
@@ -127,7 +127,7 @@ def _finish(subjects: List[Subject], where: str, seed: int, check_files: bool, m
 def _read_csv(path: str, seed: int, check_files: bool) -> Description:
     base = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's UTF-8 BOM is dropped
             rows = list(csv.DictReader(f))
             cols = [c.strip() for c in (rows[0].keys() if rows else [])]
     except (OSError, UnicodeDecodeError, csv.Error) as e:

@@ -2,7 +2,12 @@
 
 Every bad input raises :class:`contrareg_tf.errors.ContraRegInputError` naming the file/argument and the
 problem: missing file, not a NIfTI, 4-D image, wrong dimensionality, NaN/Inf voxels, mismatched shapes,
-empty mask. Writes are atomic (temporary file in the same folder, then ``os.replace``).
+empty mask, an all-zero (or constant) image, a label map holding non-integer values, an output path that
+names an input or another output. Writes are atomic (temporary file in the same folder, then ``os.replace``).
+
+Label maps (:func:`load_labels`) are read in float64 (exact for every integer up to 2**53), must hold integers
+only, and come back as int32 (int64 when a value needs it); :func:`label_dtype` gives the integer type to write
+them back with (the file's own integer type, int32 for a float-stored map).
 """
 import os
 from dataclasses import dataclass
@@ -92,6 +97,74 @@ def load_nifti(path, ndim: Optional[int] = None, vector: bool = False, dtype=np.
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise ContraRegInputError(f"{p}: contains {bad} NaN/Inf voxels")
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
+
+
+def load_labels(path, ndim: Optional[int] = None, name: Optional[str] = None) -> Volume:
+    """Load a label map: integer values only (a non-integer voxel is an error naming the file), returned as
+    int32, or int64 when a label lies outside int32's range. ``name`` (e.g. ``--moving-labels``) prefixes
+    the message."""
+    vol = load_nifti(path, ndim=ndim, dtype=np.float64)
+    lab = np.rint(vol.data)
+    what = f"{name} {vol.path}" if name else vol.path
+    bad = lab != vol.data
+    if bad.any():
+        raise ContraRegInputError(f"{what}: label map must hold integer labels; {int(bad.sum())} voxels are not "
+                                  f"integers (e.g. {vol.data[bad].flat[0]:g})")
+    fits = lab.size == 0 or (np.iinfo(np.int32).min <= lab.min() and lab.max() <= np.iinfo(np.int32).max)
+    vol.data = lab.astype(np.int32 if fits else np.int64)
+    return vol
+
+
+def label_dtype(vol: Volume):
+    """Integer dtype to write a label map derived from ``vol`` with: the file's own on-disk integer type,
+    widened to int32 if the data no longer fit; int32 for a map stored as float (or with scaling)."""
+    disk = np.dtype(vol.header.get_data_dtype()) if vol.header is not None else np.dtype(np.float32)
+    slope, inter = vol.header.get_slope_inter() if vol.header is not None else (None, None)
+    scaled = (slope not in (None, 1.0) and np.isfinite(slope)) or (inter not in (None, 0.0) and np.isfinite(inter))
+    if not np.issubdtype(disk, np.integer) or scaled:
+        disk = np.dtype(np.int32)
+    data = vol.data
+    if data.size and (data.min() < np.iinfo(disk).min or data.max() > np.iinfo(disk).max):
+        disk = np.dtype(np.int64 if data.dtype == np.int64 else np.int32)
+    return disk
+
+
+def check_not_blank(x, name: str):
+    """Raise if the image ``x`` (array or Volume) is constant (e.g. all zeros): nothing to register."""
+    arr, nm = _arr_and_name(x, name)
+    if arr.size == 0 or float(arr.max()) == float(arr.min()):
+        raise ContraRegInputError(f"{nm}: image is constant ({float(arr.flat[0]) if arr.size else 0:g} "
+                                  f"everywhere): nothing to register")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def check_output_paths(outputs, inputs=None):
+    """Validate output paths before anything is computed: ``outputs`` and ``inputs`` map an argument name
+    (e.g. ``--moved``) to a path or None. Each output must end with .nii/.nii.gz, lie in an existing folder,
+    and differ from every input and from every other output (same real path or hard link)."""
+    outs = [(k, os.fspath(p)) for k, p in outputs.items() if p is not None]
+    ins = [(k, os.fspath(p)) for k, p in (inputs or {}).items() if p is not None]
+    for k, p in outs:
+        if not p.endswith(NIFTI_EXTS):
+            raise ContraRegInputError(f"{k} {p}: output file name must end with .nii or .nii.gz")
+        folder = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(folder):
+            raise ContraRegInputError(f"{k} {p}: output folder {folder} does not exist")
+        for ki, pi in ins:
+            if _same_file(p, pi):
+                raise ContraRegInputError(f"{k} {p} is the input {ki}: refusing to overwrite an input")
+    for i, (k, p) in enumerate(outs):
+        for k2, p2 in outs[i + 1:]:
+            if _same_file(p, p2):
+                raise ContraRegInputError(f"{k} and {k2} name the same file {p}")
 
 
 def _out_dtype(data: np.ndarray):

@@ -1,0 +1,116 @@
+"""A lock file for a training output folder: one training process per ``--out``.
+
+``OUT/train.lock`` holds JSON ``{"pid", "host", "started", "command"}`` of the holder. It is created
+atomically with its content (written to a temporary file, then ``os.link``-ed to the lock name, which fails if
+the name exists), so a reader never sees a half-written lock.
+
+* A second process finds the lock and raises ``ContraRegInputError`` naming the holder (PID and host), which
+  the scripts turn into one ``error:`` line and exit 2.
+* A **stale** lock — same host, PID no longer running — is taken over with a ``warning:`` line on stderr.
+  A lock from another host cannot be checked from here: it is refused, and the message says to delete the
+  file if that run is known to be dead. A lock file that is not valid JSON is refused the same way.
+* Re-entrant within one process: the holder may lock the same folder again (e.g. ``train_hyper.py`` locks
+  ``--out`` and ``training.train_hyper`` locks it again); only the outermost release removes the file.
+"""
+import contextlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+from .errors import ContraRegInputError
+
+LOCK_NAME = "train.lock"
+_HELD = {}  # lock path -> depth of re-entrant holds in this process
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _read(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) and "pid" in info and "host" in info else None
+    except (OSError, ValueError):
+        return None
+
+
+def _create(path: str, info: dict) -> bool:
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".train.lock.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(info, f)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        os.remove(tmp)
+
+
+def acquire(out_dir, command=None) -> str:
+    """Take the lock of ``out_dir`` (created if missing) for this process; returns the lock path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(out_dir, LOCK_NAME))
+    if path in _HELD:
+        _HELD[path] += 1
+        return path
+    host = socket.gethostname()
+    info = {"pid": os.getpid(), "host": host, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
+    for _ in range(3):
+        if _create(path, info):
+            _HELD[path] = 1
+            return path
+        held = _read(path)
+        if held is None:
+            raise ContraRegInputError(f"{path}: unreadable lock file in the output folder; if no training run "
+                                      f"uses {out_dir}, delete it")
+        if held["host"] == host and int(held["pid"]) == os.getpid():
+            _HELD[path] = 1
+            return path
+        if held["host"] == host and not _alive(int(held["pid"])):
+            print(f"warning: taking over the stale lock {path} of PID {held['pid']} on {host} (no longer "
+                  f"running, started {held.get('started')})", file=sys.stderr)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        where = "this host" if held["host"] == host else f"host {held['host']}"
+        raise ContraRegInputError(
+            f"{out_dir} is in use by another training run: PID {held['pid']} on {where} (started "
+            f"{held.get('started')}, lock {path}); choose another --out, or delete the lock if that run is dead")
+    raise ContraRegInputError(f"{path}: could not take the lock (another process keeps re-creating it)")
+
+
+def release(path: str):
+    """Release a lock taken by :func:`acquire` (the file is removed at the outermost release)."""
+    depth = _HELD.get(path, 0) - 1
+    if depth > 0:
+        _HELD[path] = depth
+        return
+    _HELD.pop(path, None)
+    held = _read(path)
+    if held is not None and int(held["pid"]) == os.getpid() and held["host"] == socket.gethostname():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir, command=None):
+    """``with out_dir_lock(out):`` — hold the lock of ``out`` for the block (released on any exit)."""
+    path = acquire(out_dir, command)
+    try:
+        yield path
+    finally:
+        release(path)
