@@ -446,7 +446,15 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
         solver.reset(param, resize_linear(df, shape), resize_linear(dm, shape), lrs[lvl], regw[lvl])
         rec = {"loss": [], "sim": [], "reg": []}
         for _ in range(iters[lvl]):
-            for k, v in zip(("loss", "sim", "reg"), solver.step()):
+            try:
+                terms = solver.step()
+            except tf.errors.InvalidArgumentError as e:  # vxm's interpn on NaN/huge coordinates: diverged
+                bar.close()
+                raise RegistrationDiverged(
+                    f"instance optimisation diverged at level {lvl} (the displacement left any sane range: "
+                    f"{str(e).splitlines()[0][:120]}); likely cause: too high a learning rate (lrs {lrs}) or too "
+                    f"low a regularisation weight (reg_weights {regw})") from None
+            for k, v in zip(("loss", "sim", "reg"), terms):
                 rec[k].append(v.numpy())
             bar.update(1)
         if iters[lvl]:

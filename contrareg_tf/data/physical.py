@@ -17,7 +17,8 @@ Conventions and choices
   is the identity unless an affine pre-alignment was estimated (``--affine ants``, ``data/itk.py``; an
   ``(ndim+1)²`` matrix like the spatial affines).
   Linear interpolation for images, nearest neighbour for labels (labels keep their integer dtype), and 0
-  outside the moving image's field of view (no data there). The moving image keeps its own intensities.
+  outside the moving image's field of view (no data there; the field of view ends half a voxel beyond the
+  outer voxel centres, the voxels' own extent). The moving image keeps its own intensities.
 * **Warps** (voxelmorph's ``register.py`` convention, REFERENCE §7): displacement ``u`` in voxel units of the
   fixed image's own grid (original voxel order, not the canonical one), index (ij) order, shape
   (*vol, ndim). The moving point matching fixed voxel ``x`` has world coordinates ``A_f · (x + u(x))``;
@@ -115,8 +116,8 @@ def sample(src: np.ndarray, src_affine, dst_shape: Sequence[int], dst_affine, di
     voxel x reads ``src`` at voxel ``src_affine⁻¹ · world · dst_affine · (x + disp(x))`` (``world``: an
     ``(n+1)²`` map from destination world to source world, default identity; ``disp``: (*dst_shape, n) in
     destination voxels). ``order`` 1 = linear, 0 = nearest neighbour (integer ``src`` keeps its dtype).
-    ``mode`` as in ``scipy.ndimage.map_coordinates``: 'constant' (0 outside ``src``) or 'nearest' (border
-    clamp). Trailing axes of ``src`` beyond the spatial ones (vector components) are sampled one by one."""
+    ``mode``: 'constant' (0 outside ``src``'s field of view, which ends half a voxel beyond its outer voxel
+    centres) or 'nearest' (border clamp everywhere). Trailing axes of ``src`` beyond the spatial ones (vector components) are sampled one by one."""
     src = np.asarray(src)
     n = len(dst_shape)
     m = np.linalg.inv(np.asarray(src_affine, np.float64))
@@ -135,8 +136,16 @@ def sample(src: np.ndarray, src_affine, dst_shape: Sequence[int], dst_affine, di
     if integer and order != 0:
         raise ContraRegInputError("sample: integer data (labels) must be resampled with order=0")
     data = src if integer or src.dtype == np.float64 else src.astype(np.float32)
-    return ndi.map_coordinates(data, coords, order=order, mode=mode, cval=0, prefilter=False,
-                               output=data.dtype)
+    if mode != "constant":
+        return ndi.map_coordinates(data, coords, order=order, mode=mode, prefilter=False, output=data.dtype)
+    # 'constant': the image covers its voxels' extent, up to half a voxel beyond the outer voxel centres
+    # (values there = the border voxel's); beyond that, 0
+    out = ndi.map_coordinates(data, coords, order=order, mode="nearest", prefilter=False, output=data.dtype)
+    outside = np.zeros(out.shape, bool)
+    for ax, c in enumerate(coords):
+        outside |= (c < -0.5) | (c > src.shape[ax] - 0.5)
+    out[outside] = 0
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the pair
