@@ -175,9 +175,7 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
     _validate_request(lam, max_folds, moving_modality)
     meta, cfg = read_run(run_dir)
     spacing = float(model_spacing if model_spacing is not None else meta.get("data_spacing", cfg.spacing))
-    pair = load_pair(fixed, moving, moving_labels=moving_labels, affine=affine)
-    if pair.ndim != len(cfg.inshape):
-        raise ContraRegInputError(f"model is {len(cfg.inshape)}-D but the images are {pair.ndim}-D")
+    pair = load_pair(fixed, moving, moving_labels=moving_labels, affine=affine, ndim=len(cfg.inshape))
     if itk_warp_out and pair.ndim != 3:
         raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
     win = model_window(pair.fixed_c, pair.moving_c, pair.spacing_c, spacing, unet_divisor(cfg))

@@ -24,7 +24,8 @@ NIFTI_EXTS = (".nii.gz", ".nii")
 
 @dataclass
 class Volume:
-    """A loaded image: ``data`` (float32, spatial dims only), ``affine`` (4x4), ``header``, ``path``."""
+    """A loaded image: ``data`` (float32, spatial dims only; int32/int64 from :func:`load_labels`),
+    ``affine`` (4x4), ``header``, ``path``."""
     data: np.ndarray
     affine: np.ndarray
     header: Any

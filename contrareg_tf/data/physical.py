@@ -257,15 +257,16 @@ def warn_if_misaligned(fixed_c: np.ndarray, moving_c: np.ndarray, tol: float = A
 
 def load_pair(fixed, moving, moving_labels=None, fixed_labels=None, affine: str = "none",
               names: Tuple[str, str, str, str] = ("--fixed", "--moving", "--moving-labels", "--fixed-labels"),
-              ) -> Pair:
+              ndim: Optional[int] = None) -> Pair:
     """Load and validate a registration pair and bring it into physical space (module docstring): the one
     loader of both CLIs. ``affine``: 'none' (warn when the pair looks mis-aligned) or 'ants' (ANTs affine,
     mutual information, ``data/itk.py``). Raises ``ContraRegInputError`` naming the file on any bad input:
     unreadable/NaN image, dimensionality mismatch, a constant (e.g. all-zero) image, an empty foreground,
-    non-integer labels, labels not on their image's grid."""
+    non-integer labels, labels not on their image's grid. ``ndim`` (2 or 3) enforces the images'
+    dimensionality (a 2-D model reads an (X, Y, 1) file as 2-D)."""
     if affine not in ("none", "ants"):
         raise ContraRegInputError(f"--affine must be 'none' or 'ants', got {affine!r}")
-    fv = load_nifti(fixed)
+    fv = load_nifti(fixed, ndim=ndim)
     mv = load_nifti(moving, ndim=fv.ndim)
     mlab = load_labels(moving_labels, ndim=fv.ndim, name=names[2]) if moving_labels is not None else None
     flab = load_labels(fixed_labels, ndim=fv.ndim, name=names[3]) if fixed_labels is not None else None
