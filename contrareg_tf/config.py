@@ -68,18 +68,16 @@ PRESETS = {
     "paper": PAPER,
     # ch=256 runs of Table 1 B (ts=32 default there)
     "paper-ch256": dataclasses.replace(PAPER, name="paper-ch256", ch=256, int_steps=32),
-    # 2-D CPU demo (the README's main job, ≤ 10 min on 2 cores): an axial slice band of the proxy at 2.5 mm,
-    # 64×80 in-plane; U-Net width 16 with 4 levels, autoencoders at half the paper's widths, batch 2,
-    # lr 1e-3, 700 iterations. Measured on 2 cores (test Dice, before registration 0.576): MI at width 32 /
-    # 5 levels / batch 4 / 600 its → 0.657 (81 s); width 16 / 4 levels / batch 2 / 1200 its → 0.672 (85 s),
-    # batch 1 / 2000 its → 0.639 (87 s); at 700 its / batch 2, lr 5e-4 / 1e-3 / 2e-3 / 4e-3 → MI 0.625 /
-    # 0.646 / 0.615 / 0.597, NGF 1e-3 / 2e-3 → 0.615 / 0.596, mCR 1e-3 / 2e-3 → 0.624 / 0.628. The narrow
-    # autoencoders make a CR step 0.17 s instead of 0.21 s at equal Dice after 800 its (0.603 vs 0.597).
-    # Whole main job (two methods trained at once): 500 its 7:00 wall (CR +0.031 Dice over no registration,
-    # 5 of 6 test pairs improved), 700 its 8:29 (CR +0.037, mCR +0.068, all pairs improved).
+    # 2-D CPU demo (the README's main job, ≤ 10 min on 2 cores): an axial slice band of the built-in data at
+    # 2.5 mm, 64×80 in-plane; U-Net width 16 with 4 levels, autoencoders at half the paper's widths, batch 2,
+    # lr 1e-3, 1400 iterations. Tuned on the earlier mni2009a-synth data (MI at width 32 / 5 levels / batch 4 /
+    # 600 its 0.657 vs width 16 / 4 levels / batch 2 / 1200 its 0.672; lr 5e-4 / 1e-3 / 2e-3 / 4e-3 → MI 0.625 /
+    # 0.646 / 0.615 / 0.597). On the icbm2009c data (CerebrA Dice over structures, 6 test pairs, before 0.417,
+    # true-warp ceiling 0.727): MI 700 its 0.450, 1400 its 0.484, lr 2e-3 at 700 its 0.441; CR 700 its 0.444,
+    # 1400 its 0.452 (6000-it AEs) / 0.455 (15000-it AEs); mCR 1400 its 0.489 (15000-it AEs).
     "cpu-demo": dataclasses.replace(
         PAPER, name="cpu-demo", inshape=(64, 80), spacing=2.5, ch=16, nb_levels=4, num_patches=128,
-        ae_filters=(16, 32, 64, 32, 16, 16, 16, 1), ae_crop=(64, 80), lr=1e-3, iters=700, batch_size=2,
+        ae_filters=(16, 32, 64, 32, 16, 16, 16, 1), ae_crop=(64, 80), lr=1e-3, iters=1400, batch_size=2,
         ckpt_every=100, proxy_subjects=24, proxy_max_disp=4.0),
     # small 3-D preset for benchmarks on CPU: 64³ @ 3 mm
     "small3d": dataclasses.replace(
@@ -98,7 +96,7 @@ PRESETS = {
 
 
 # the longer CPU benchmark of Table 1 (bench/results/; ~40 min on 2 cores, not in CI): the cpu-demo network
-# and optimiser, 48 proxy subjects (6 test subjects = 30 test pairs instead of 6) and 3000 iterations
+# and optimiser, 48 built-in subjects (6 test subjects = 30 test pairs instead of 6) and 3000 iterations
 PRESETS["cpu-bench"] = dataclasses.replace(PRESETS["cpu-demo"], name="cpu-bench", iters=3000, ckpt_every=500,
                                            proxy_subjects=48)
 

@@ -4,6 +4,9 @@ flips and brightness/contrast/saturation jitter, Adam. Writes ``--out`` (.h5) an
 
     python train_scripts/train_autoencoder.py --modality t1 --preset cpu-demo --out models/ae_t1.h5
     python train_scripts/train_autoencoder.py --sup-pretrain --preset cpu-demo --out models/sup   # A1,A2,F1,F2
+    # paper topology on the built-in 3-D data at 2 mm (the shipped models/ae_t1_paper.h5 was made so):
+    python train_scripts/train_autoencoder.py --modality t1 --preset paper --grid 96,112,96 --spacing 2 \
+        --crop 64,64,64 --out models/ae_t1_paper.h5
 """
 import argparse
 import dataclasses
@@ -11,6 +14,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _ints(s):
+    return tuple(int(t) for t in s.split(",") if t.strip())
 
 
 def parse(argv):
@@ -22,6 +29,10 @@ def parse(argv):
     p.add_argument("--preset", default="paper")
     p.add_argument("--data", default=None, help="data-set description (CSV or folder); default: built-in proxy")
     p.add_argument("--data-source", help="built-in data: icbm2009c (default) or mni2009a-synth")
+    p.add_argument("--grid", type=_ints, help="built-in data grid, e.g. 96,112,96 (default: the preset's)")
+    p.add_argument("--spacing", type=float, help="built-in data spacing in mm (default: the preset's)")
+    p.add_argument("--crop", type=_ints, help="training crop, e.g. 64,64,64 (default: the preset's ae_crop)")
+    p.add_argument("--subjects", type=int, help="built-in data subjects (default: the preset's)")
     p.add_argument("--iters", type=int)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (not in the paper; 1e-4)")
     p.add_argument("--batch-size", type=int)
@@ -42,8 +53,9 @@ def main(argv=None):
     cfg = get_preset(args.preset)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
-    if args.data_source:
-        cfg = dataclasses.replace(cfg, data_source=args.data_source)
+    over = dict(data_source=args.data_source, inshape=args.grid, spacing=args.spacing, ae_crop=args.crop,
+                proxy_subjects=args.subjects)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
     kw = dict(data=args.data, iters=args.iters, lr=args.lr, batch_size=args.batch_size, resume=args.resume,
               progress=not args.no_progress, command=" ".join(sys.argv))
     if args.sup_pretrain:
