@@ -122,8 +122,7 @@ def train_method(cfg, loss, out, data=None, **kw):
             kw["ae1"], kw["ae2"] = shipped
     desc = resolve_data(cfg, data)
     arr = split_arrays(desc, "train", cfg)
-    return train_hyper(cfg, loss, out, {"t1": arr["t1"], "t2": arr["t2"], "mask1": arr["mask1"],
-                                        "mask2": arr["mask2"]}, **kw)
+    return train_hyper(cfg, loss, out, {k: arr[k] for k in ("t1", "t2", "mask1", "mask2", "affines")}, **kw)
 
 
 def shipped_autoencoders(cfg):

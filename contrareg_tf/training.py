@@ -234,13 +234,22 @@ def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, e
     return step
 
 
-def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
-                lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
-                mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
-                command=None):
+def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
     """Train the λ-conditioned network (paper §2–3) on ``train_arrays`` = dict with stacks ``t1``, ``t2``
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
-    heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts)."""
+    heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
+    rand_ae, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model, progress,
+    reg_penalty, command. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused)."""
+    from .lock import out_dir_lock
+
+    with out_dir_lock(out_dir, kwargs.get("command")):
+        return _train_hyper(cfg, loss_name, out_dir, train_arrays, **kwargs)
+
+
+def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
+                 lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
+                 mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
+                 command=None):
     from .losses.objective import alpha_for, velocity_regulariser
 
     iters = int(cfg.iters if iters is None else iters)
@@ -273,6 +282,9 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=Non
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
             "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
             "batch_size": batch_size, "reg_penalty": reg_penalty or cfg.reg_penalty, "command": command}
+    spacing = data_spacing(train_arrays, len(cfg.inshape))
+    if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
+        meta["data_spacing"] = spacing
     write_json(os.path.join(out_dir, "config.json"), meta)
     sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
                           train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=ext)
@@ -311,28 +323,71 @@ def _heads_container(heads):
     return tf.keras.Model(ins, [h(x) for h, x in zip(heads, ins)])
 
 
+def data_spacing(arrays, ndim):
+    """Voxel size (mm) of the training images: median over subjects of the mean voxel edge of the
+    registered axes (the in-plane ones for 2-D), from the files' affines; None without affines."""
+    affines = arrays.get("affines")
+    if not affines:
+        return None
+    edges = [np.linalg.norm(np.asarray(a, np.float64)[:3, :ndim], axis=0).mean() for a in affines]
+    return round(float(np.median(edges)), 6)
+
+
 def config_from_meta(meta):
     """The ``Config`` a run was trained with, from its ``config.json`` (JSON lists back to tuples)."""
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
 
 
-def load_trained(run_dir, inshape=None):
-    """Rebuild a trained λ-conditioned model from ``run_dir`` (config.json + model.h5). ``inshape`` lets a
-    fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``."""
-    from .networks.hyper import build_hyper_vxm, load_registration_weights
+def read_run(run_dir):
+    """Read and check a ``train_hyper.py`` output folder before anything is built: ``config.json`` must be
+    valid JSON with a complete ``config`` entry, ``model.h5`` a readable HDF5 file. Returns ``(meta, cfg)``;
+    every problem is a ``ContraRegInputError`` naming the file."""
+    import h5py
 
     cfg_path = os.path.join(run_dir, "config.json")
     w_path = os.path.join(run_dir, "model.h5")
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise ContraRegInputError(f"{p}: not found — is {run_dir!r} a train_hyper.py output folder?")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    cfg = config_from_meta(meta)
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ContraRegInputError(f"{cfg_path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ContraRegInputError(f"{cfg_path}: no 'config' entry — not written by train_hyper.py")
+    try:
+        cfg = config_from_meta(meta)
+    except TypeError as e:
+        raise ContraRegInputError(f"{cfg_path}: 'config' does not describe a model ({e})") from None
+    missing = [k for k in ("inshape", "ch", "nb_levels", "int_steps") if k not in meta["config"]]
+    if missing:
+        raise ContraRegInputError(f"{cfg_path}: 'config' lacks {missing}: cannot rebuild the model")
+    try:
+        with h5py.File(w_path, "r") as f:
+            if not len(f.keys()):
+                raise OSError("no weights in the file")
+    except OSError as e:
+        raise ContraRegInputError(f"{w_path}: not a readable Keras weights file (truncated or corrupt? {e})") \
+            from None
+    return meta, cfg
+
+
+def load_trained(run_dir, inshape=None):
+    """Rebuild a trained λ-conditioned model from ``run_dir`` (config.json + model.h5). ``inshape`` lets a
+    fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``; a missing,
+    truncated or incomplete file is a ``ContraRegInputError`` naming it."""
+    from .networks.hyper import build_hyper_vxm, load_registration_weights
+
+    meta, cfg = read_run(run_dir)
     if inshape is not None:
         cfg = dataclasses.replace(cfg, inshape=tuple(inshape))
     model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
-    load_registration_weights(model, w_path)
+    w_path = os.path.join(run_dir, "model.h5")
+    try:
+        load_registration_weights(model, w_path)
+    except (OSError, KeyError) as e:
+        raise ContraRegInputError(f"{w_path}: cannot load the weights ({type(e).__name__}: {e})") from None
     return model, meta
 
 

@@ -178,7 +178,7 @@ def test_batch_of_two_equals_each_alone():
     both = IO.instance_optimise(fx, mv, **kw)
     for b in range(2):
         one = IO.instance_optimise(fx[b:b + 1], mv[b:b + 1], **kw)
-        np.testing.assert_allclose(both.disp[b], one.disp[0], atol=2e-4)
+        np.testing.assert_allclose(both.disp[b], one.disp[0], atol=1e-3)  # float32 reduction order; pairs differ by >0.1
         np.testing.assert_allclose(both.history[-1]["loss"][b], one.history[-1]["loss"][0], rtol=1e-3,
                                    atol=1e-6)
     assert np.abs(both.disp[0] - both.disp[1]).max() > 0.1  # the two pairs really differ

@@ -299,7 +299,7 @@ def test_train_script_three_iterations(tmp_path, monkeypatch):
     card = json.load(open(out[:-3] + ".json"))
     assert card["iterations"] == 3 and card["preset"] == "tiny2d" and np.isfinite(card["final_loss"])
     assert card["num_samples"] == 64 and card["tau"] == masr.DNS_TAU and card["lr"] == masr.DNS_LR
-    assert "proxy" in card["data"] and card["modalities"] == ["t1", "t2"]
+    assert "built-in data icbm2009c" in card["data"] and card["modalities"] == ["t1", "t2"]
     assert "--iters 3" in card["command"] and card["model"] == masr.masr_config(2)
     m = masr.load_masr(out, ndim=2)
     d = m(np.random.rand(1, 32, 32, 1).astype(np.float32)).numpy()

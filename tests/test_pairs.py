@@ -182,3 +182,28 @@ def test_pair_dataset_on_2d_proxy(tmp_path):
     assert np.all(b["index1"].numpy() != b["index2"].numpy())
     assert set(np.unique(b["labels1"].numpy())) <= set(range(103))   # CerebrA labels
     assert float(b["img1"].numpy().max()) <= 1.0 and float(b["img2"].numpy().min()) >= 0.0
+
+
+def test_loader_keeps_large_labels_and_rejects_non_integer_ones(tmp_path):
+    """Real label maps go through io.load_labels: 40000 stays 40000 (an int16 cast made it -25536);
+    a label map with a non-integer value is an error naming the file."""
+    rng = np.random.default_rng(1)
+    g = np.indices(VOL) - (np.array(VOL)[:, None, None, None] - 1) / 2
+    blob = (g ** 2).sum(0) < 16
+    subs = []
+    for i, lab in enumerate([np.where(blob, 40000, 0), np.where(blob, 2.5, 0.0)]):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        io.save_nifti(d / "t1.nii.gz", (rng.random(VOL) * blob).astype(np.float32))
+        io.save_nifti(d / "t2.nii.gz", (rng.random(VOL) * blob).astype(np.float32))
+        io.save_nifti(d / "labels.nii.gz", lab.astype(np.int32 if i == 0 else np.float32))
+        subs.append(ds.Subject(f"s{i}", str(d / "t1.nii.gz"), str(d / "t2.nii.gz"), str(d / "labels.nii.gz"),
+                               None, "train" if i == 0 else "test"))
+    ds.write_description(tmp_path / "dataset.csv", subs)
+    desc = ds.load_description(tmp_path)
+    pairs.clear_cache()
+    arr = pairs.load_split_arrays(desc, "train", VOL, ndim=3)
+    assert set(np.unique(arr.labels).tolist()) == {0, 40000}
+    np.testing.assert_array_equal(arr.labels[0] == 40000, blob)
+    with pytest.raises(ContraRegInputError, match=r"s1/labels\.nii\.gz.*integer"):
+        pairs.load_split_arrays(desc, "test", VOL, ndim=3)

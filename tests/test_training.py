@@ -152,3 +152,15 @@ def test_sup_pretrain_trains_both_autoencoders_and_heads(tmp_path, arrays2d):
     assert any(not np.allclose(a, b) for a, b in zip(fresh.get_weights(), trained.get_weights()))
     for f in ("ae_t2.h5", "heads1.h5", "heads2.h5", "card.json"):
         assert (tmp_path / f).is_file()
+
+
+def test_data_spacing_from_affines():
+    """Voxel size recorded for register.py: mean edge of the registered axes, median over subjects; a rotation
+    does not change it."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    a = np.diag([1.5, 1.5, 3.0, 1.0])
+    affines = [a, rot @ a, np.diag([1.0, 1.0, 1.0, 1.0])]
+    assert training.data_spacing({"affines": affines}, 3) == pytest.approx(2.0)      # (1.5+1.5+3)/3, median
+    assert training.data_spacing({"affines": affines}, 2) == pytest.approx(1.5)      # in-plane only
+    assert training.data_spacing({"t1": np.zeros((1, 4, 4))}, 2) is None

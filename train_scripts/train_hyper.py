@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Train the λ-conditioned registration network (ContraReg paper §2–3).
 
-    python train_scripts/train_hyper.py --loss mcr --ae1 models/ae_t1_proxy2d.h5 --ae2 models/ae_t2_proxy2d.h5 \
+    python train_scripts/train_hyper.py --loss mcr --ae1 models/ae_t1_cpu-demo.h5 --ae2 models/ae_t2_cpu-demo.h5 \
         --preset cpu-demo --out runs/mcr
 
 Defaults are the paper's (``--preset paper``: 3-D 160×192×160, ch=64, ts=5, lr 5e-5, 1e5 iterations); data
-default to the built-in proxy at the preset's grid. ``--resume`` continues exactly from the last checkpoint.
+default to the built-in data (real ICBM 2009c contrasts, ``contrareg_tf.data.proxy``) at the preset's grid.
+Without ``--ae1/--ae2`` a contrastive loss uses the autoencoders shipped for the preset
+(``models/ae_{t1,t2}_<preset>.h5``). ``--resume`` continues exactly from the last checkpoint.
 ``--out`` is locked while the run lasts (``OUT/train.lock``: holder's PID and host); a second run into the
 same folder exits 2 naming the holder, and a stale lock (dead PID on this host) is taken over with a warning.
 """

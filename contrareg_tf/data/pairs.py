@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ContraRegInputError
 from .dataset import Description, Subject
-from .io import check_same_shape, crop_or_pad, foreground_mask, load_nifti, normalize_intensity
+from .io import check_same_shape, crop_or_pad, foreground_mask, load_labels, load_nifti, normalize_intensity
 
 _CACHE = {}
 _CACHE_MAX = 4
@@ -55,7 +55,7 @@ def make_pairs(desc_or_subjects, n_pairs: Optional[int] = None, seed: int = 0, s
 @dataclass
 class SplitArrays:
     """In-memory volumes of one split: ``img1``/``img2`` float32 (N, *shape[, Z]) in [0, 1],
-    ``mask1``/``mask2`` bool, ``labels`` int16 or None, ``names``, ``affines`` (of the original files)."""
+    ``mask1``/``mask2`` bool, ``labels`` int32 or None, ``names``, ``affines`` (of the original files)."""
     names: List[str]
     img1: np.ndarray
     img2: np.ndarray
@@ -98,7 +98,7 @@ def _load_subject(s: Subject, shape, ndim):
         p = getattr(s, key)
         if not p:
             continue
-        v = load_nifti(p)
+        v = load_labels(p) if key == "labels" else load_nifti(p)   # labels: int32, non-integer rejected
         vols[key] = v
         if vol_nd is None:
             vol_nd = v.ndim
@@ -123,7 +123,7 @@ def _load_subject(s: Subject, shape, ndim):
                                                    name=s.t1), inplane)[0]
         out["mask2"] = crop_or_pad(foreground_mask(normalize_intensity(vols["t2"].data), require_nonempty=True,
                                                    name=s.t2), inplane)[0]
-    out["labels"] = (crop_or_pad(np.rint(vols["labels"].data).astype(np.int16), inplane)[0]
+    out["labels"] = (crop_or_pad(vols["labels"].data, inplane)[0]
                      if "labels" in vols else None)
     return out, vols["t1"].affine
 
