@@ -1,5 +1,10 @@
 """contrareg_tf: TF2/Keras reproduction of ContraReg (MICCAI 2022), MIND/DNS descriptors, instance optimisation."""
+import glob
+
 from setuptools import find_packages, setup
+
+COMMANDS = ["reproduce_table1", "train_hyper", "eval_hyper", "register", "instance_opt", "train_autoencoder",
+            "train_dns"]
 
 setup(
     name="contrareg_tf",
@@ -10,6 +15,12 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["contrareg_tf", "contrareg_tf.*"]),
     package_data={"contrareg_tf": ["py.typed"]},
+    # the shipped weights and their cards: a non-editable install puts them in <prefix>/share/contrareg_tf/models
+    # (contrareg_tf/assets.py looks there after the repository's models/)
+    data_files=[("share/contrareg_tf/models", sorted(glob.glob("models/*.h5") + glob.glob("models/*.json")
+                                                     + glob.glob("models/*.md")))],
+    entry_points={"console_scripts": [f"contrareg-{c.replace('_', '-')} = contrareg_tf.commands.{c}:cli"
+                                      for c in COMMANDS]},
     install_requires=[
         # TF 2.15 is the last release with Keras 2 as tf.keras and the last one tfa 0.23 supports.
         # `tensorflow` (not tensorflow-cpu) so that GPU users get CUDA kernels.

@@ -166,7 +166,7 @@ def parse(argv):
     p.add_argument("--sizes", default="96:2,128:1.5", help="comma list of SIZE:SPACING_MM (cubic volumes)")
     p.add_argument("--pairs", type=int, default=3, help="pairs per size (disjoint subjects 2i -> 2i+1)")
     p.add_argument("--max-disp-mm", type=float, default=12.0,
-                   help="proxy SVF amplitude in mm (REFERENCE §8: 8 voxels at 1.5 mm)")
+                   help="proxy SVF amplitude in mm (8 voxels at 1.5 mm, as in issue 13's measurements)")
     p.add_argument("--methods", default=None,
                    help="comma list from io-mindssc, io-mind, io-dns, io-ae, ants, elastix "
                         "(default: io-mindssc [+io-dns, io-ae when weights are given], ants, elastix)")

@@ -39,3 +39,23 @@ def run_cli(main, argv=None):
     finally:
         warnings.showwarning = _default_showwarning
     sys.exit(rc or 0)
+
+
+def console(main):
+    """The console entry point (``setup.py``) of a command module: ``cli = console(main)``."""
+    def cli(argv=None):
+        run_cli(main, argv)
+
+    cli.__doc__ = f"Run ``{main.__module__}.main`` as a console command (one-line errors, exit status 2)."
+    return cli
+
+
+def add_pair_outputs(p):
+    """Options both registration commands share: labels in and out, affine pre-alignment, the ITK export."""
+    p.add_argument("--moving-labels", help="label map of the moving image")
+    p.add_argument("--moved-labels", help="output: moving labels warped (nearest neighbour)")
+    p.add_argument("--affine", default="none", choices=("none", "ants"),
+                   help="affine pre-alignment: 'ants' = ANTs affine, mutual information (antspyx), composed with "
+                   "the deformable warp in every output; 'none' warns when the pair looks mis-aligned")
+    p.add_argument("--itk-warp", help="output: the warp as an ITK/ANTs displacement field (LPS mm; "
+                   "antsApplyTransforms -t / ants.apply_transforms accept it)")

@@ -1,4 +1,4 @@
-"""Paper defaults (ContraReg, MICCAI 2022, §2–3 and REFERENCE.md §1) and named smaller presets.
+"""Paper defaults (ContraReg, Dey et al., MICCAI 2022, §2–3) and named smaller presets.
 
 Defaults live here and nowhere else: modules take their default arguments from ``PAPER`` and the scripts
 take theirs from ``get_preset(name)``. A preset never changes a default silently: it is a *named*

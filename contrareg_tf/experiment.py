@@ -12,8 +12,6 @@ from .atomic import write_json
 from .config import LAMBDAS_17, Config
 from .errors import ContraRegInputError
 
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
-
 
 # ------------------------------------------------------------------------------------------------------------
 # data
@@ -128,7 +126,8 @@ def train_method(cfg, loss, out, data=None, **kw):
 def shipped_autoencoders(cfg):
     """Paths of the autoencoders shipped in ``models/`` for this preset and its built-in data source (the
     ``data_source`` of their JSON cards), or None."""
-    paths = tuple(os.path.join(MODELS_DIR, f"ae_{m}_{cfg.name}.h5") for m in ("t1", "t2"))
+    from .assets import shipped
+    paths = tuple(shipped(f"ae_{m}_{cfg.name}.h5") for m in ("t1", "t2"))
     for p in paths:
         try:
             with open(os.path.splitext(p)[0] + ".json") as f:

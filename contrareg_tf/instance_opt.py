@@ -1,5 +1,6 @@
 """Instance optimisation (IO) registration with structural descriptors (DNS paper, CVPR 2024, §3.4 and
-supplementary B.1 / Table 4; REFERENCE.md §5).
+supplementary B.1 / Table 4 — Mok et al., *Modality-Agnostic Structural Image Representation Learning
+for Deformable Multi-Modality Medical Image Registration*).
 
     φ* = argmin_φ  −cos( ψ_σ(D_F), ψ_σ(D_M) ∘ φ ) + λ_reg · ‖∇u‖²,   φ(x) = x + u(x)
 

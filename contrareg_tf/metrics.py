@@ -1,5 +1,6 @@
 """Registration metrics (numpy): Dice, Dice30, Jacobian determinant, % folding, std log|J|, HD95.
-Conventions: REFERENCE.md §7 (ContraReg §3 evaluation; DNS paper for HD95).
+Conventions: ContraReg §3 evaluation (Dice over structures, Dice30, % folds, std log|J|; the log clip
+as in Learn2Reg); DNS paper for HD95.
 
 - Label maps: integer arrays (float arrays with integral values are accepted), 0 = background, never scored.
 - Displacements u: voxel units, index (ij) order, shape (*vol, ndim) (a leading batch axis of 1 is accepted);

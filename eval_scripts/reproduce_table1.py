@@ -1,59 +1,10 @@
 #!/usr/bin/env python
 """The main job: reproduce Table 1 / Fig. 3 end to end on the built-in proxy data (or a real data set).
 
-    python eval_scripts/reproduce_table1.py --preset cpu-demo      # ~8.5 min on 2 CPU cores
-    python eval_scripts/reproduce_table1.py --preset paper --data dhcp.csv   # the paper's setting (GPU)
-
-Builds the proxy data, pretrains (or loads) the two autoencoders, trains the λ-conditioned network for each
-method, evaluates the 17 λ values, prints Table 1 and writes table1.md/csv, fig3.png and fig2.png.
+Thin wrapper over ``contrareg_tf/commands/reproduce_table1.py``; installed as the console command ``contrareg-reproduce-table1``
+(``contrareg-reproduce-table1 --help``).
 """
-import argparse
-import dataclasses
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-DEFAULT_METHODS = ("mcr", "cr", "mi", "lmi", "mind", "ngf")
-
-
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-demo")
-    p.add_argument("--out", default="runs/table1")
-    p.add_argument("--data", default=None, help="data-set description; default: built-in data")
-    p.add_argument("--data-source", help="built-in data: icbm2009c (default; real T1w/T2w + CerebrA) or "
-                   "mni2009a-synth (T2w rendered from tissue maps)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    p.add_argument("--iters", type=int, help="registration iterations per method (default: the preset's)")
-    p.add_argument("--ae-iters", type=int, help="autoencoder iterations if they must be trained")
-    p.add_argument("--ae1", help="T1w autoencoder .h5 (default: shipped models/ for the preset, else trained)")
-    p.add_argument("--ae2", help="T2w autoencoder .h5")
-    p.add_argument("--pairs", type=int, default=None, help="number of test pairs")
-    p.add_argument("--resume", action="store_true", help="continue runs that have checkpoints")
-    p.add_argument("--workers", type=int, help="methods trained at once in separate processes (default: 2 on a "
-                   "multi-core CPU, 1 with a GPU)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    a = parse(argv)
-    from contrareg_tf import experiment
-    from contrareg_tf.config import get_preset
-
-    cfg = get_preset(a.preset)
-    if a.data_source:
-        cfg = dataclasses.replace(cfg, data_source=a.data_source)
-    table_md = experiment.reproduce_table1(cfg, a.out, methods=a.methods, data=a.data,
-                                           iters=a.iters, ae_iters=a.ae_iters, ae1=a.ae1, ae2=a.ae2,
-                                           n_pairs=a.pairs, resume=a.resume, progress=not a.no_progress,
-                                           workers=a.workers)
-    print(table_md)
-    return 0
-
+from contrareg_tf.commands.reproduce_table1 import cli, main, parse  # noqa: E402,F401
 
 if __name__ == "__main__":
-    from contrareg_tf.cli import run_cli
-
-    run_cli(main)
+    cli()

@@ -164,7 +164,7 @@ def test_local_mi_batch_equals_single_samples_and_dynamic_batch():
 
 
 def test_local_mi_shuffled_is_not_zero_but_below_self():
-    """Small patches carry a large sampling bias (REFERENCE.md §4): shuffled MI > 0 but far below self-MI."""
+    """Small patches carry a large sampling bias (few voxels per joint histogram): shuffled MI > 0 but far below self-MI."""
     rng = np.random.default_rng(7)
     a = _smooth(rng, (1, 36, 36, 1))
     shuffled = rng.permutation(a.ravel()).reshape(a.shape)

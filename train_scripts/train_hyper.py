@@ -1,83 +1,10 @@
 #!/usr/bin/env python
 """Train the λ-conditioned registration network (ContraReg paper §2–3).
 
-    python train_scripts/train_hyper.py --loss mcr --ae1 models/ae_t1_cpu-demo.h5 --ae2 models/ae_t2_cpu-demo.h5 \
-        --preset cpu-demo --out runs/mcr
-
-Defaults are the paper's (``--preset paper``: 3-D 160×192×160, ch=64, ts=5, lr 5e-5, 1e5 iterations); data
-default to the built-in data (real ICBM 2009c contrasts, ``contrareg_tf.data.proxy``) at the preset's grid.
-Without ``--ae1/--ae2`` a contrastive loss uses the autoencoders shipped for the preset
-(``models/ae_{t1,t2}_<preset>.h5``). ``--resume`` continues exactly from the last checkpoint.
-``--out`` is locked while the run lasts (``OUT/train.lock``: holder's PID and host); a second run into the
-same folder exits 2 naming the holder, and a stale lock (dead PID on this host) is taken over with a warning.
+Thin wrapper over ``contrareg_tf/commands/train_hyper.py``; installed as the console command ``contrareg-train-hyper``
+(``contrareg-train-hyper --help``).
 """
-import argparse
-import dataclasses
-import os
-import sys
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-
-def parse(argv):
-    from contrareg_tf.losses.similarity import LOSS_NAMES
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--loss", required=True, choices=LOSS_NAMES)
-    p.add_argument("--out", required=True, help="output folder (checkpoints, TensorBoard, model.h5, card.json)")
-    p.add_argument("--preset", default="paper", help="named configuration (contrareg_tf.config.PRESETS)")
-    p.add_argument("--data", default=None, help="data-set description (CSV or folder); default: built-in proxy")
-    p.add_argument("--ae1", help="T1w autoencoder .h5 (contrastive losses)")
-    p.add_argument("--ae2", help="T2w autoencoder .h5 (contrastive losses)")
-    p.add_argument("--rand-ae", action="store_true", help="random frozen autoencoders (RandAE)")
-    p.add_argument("--dns-model", help="MASR-Net .h5 for --loss dns")
-    p.add_argument("--ch", type=int, help="U-Net width (paper: 64; 256 for the large runs)")
-    p.add_argument("--int-steps", type=int, help="scaling-and-squaring steps ts (paper: 5)")
-    p.add_argument("--iters", type=int, help="iterations (paper: 1e5)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 5e-5)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-patches", type=int, help="PatchNCE ns (paper: 1024)")
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--conditioning", default="film", choices=("film", "hyperconv"))
-    p.add_argument("--reg-penalty", choices=("l2", "norm"), help="L_reg on v: 'l2' = Grad('l2') (default), "
-                   "'norm' = mean v²")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
-    p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (GPU)")
-    p.add_argument("--xla", action="store_true", help="XLA-compile the training step (GPU)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse(argv)
-    from contrareg_tf.config import get_preset
-    from contrareg_tf.lock import out_dir_lock
-
-    cfg = get_preset(args.preset)
-    over = {k: v for k, v in dict(ch=args.ch, int_steps=args.int_steps, num_patches=args.num_patches,
-                                  ckpt_every=args.ckpt_every, seed=args.seed).items() if v is not None}
-    cfg = dataclasses.replace(cfg, **over)
-    command = " ".join(sys.argv)
-    with out_dir_lock(args.out, command):  # before the data are built: a second run stops at once
-        _train(args, cfg, command)
-    print(f"done: {args.out}")
-    return 0
-
-
-def _train(args, cfg, command):
-    from contrareg_tf import experiment
-
-    experiment.train_method(cfg, args.loss, args.out, data=args.data, ae1=args.ae1, ae2=args.ae2,
-                            rand_ae=args.rand_ae, dns_model=args.dns_model, iters=args.iters, lr=args.lr,
-                            batch_size=args.batch_size, resume=args.resume, strategy=args.strategy,
-                            conditioning=args.conditioning, mixed_precision=args.mixed_precision, xla=args.xla,
-                            reg_penalty=args.reg_penalty, progress=not args.no_progress,
-                            command=command)
-
+from contrareg_tf.commands.train_hyper import cli, main, parse  # noqa: E402,F401
 
 if __name__ == "__main__":
-    from contrareg_tf.cli import run_cli
-
-    run_cli(main)
+    cli()

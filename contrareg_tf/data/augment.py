@@ -1,8 +1,8 @@
 """Seeded augmentation (numpy).
 
-- Autoencoder pretraining (paper §2, REFERENCE §1): random crops, random flips, brightness / contrast /
+- Autoencoder pretraining (ContraReg paper §2): random crops, random flips, brightness / contrast /
   "saturation" (gamma) jitter.
-- DNS training (DNS paper §3, REFERENCE §5): stochastic monotone Bézier intensity transform through (0,0)
+- DNS training (DNS paper, Mok et al., CVPR 2024, §3): stochastic monotone Bézier intensity transform through (0,0)
   and (1,1) with ``n_ctrl`` random control points in [0,1] (coordinates sorted, so the curve is monotone),
   applied to 1 − x with probability ``invert_prob``. :func:`bezier_lut` + :func:`apply_lut` give the same
   transform as a look-up table usable on tf tensors too.

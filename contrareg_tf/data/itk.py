@@ -1,8 +1,8 @@
 """ITK / ANTs interoperability: LPS conversions, the ANTs affine pre-alignment (``--affine ants``) and the
 ITK displacement-field export (``--itk-warp``).
 
-Conventions (REFERENCE §7, §8b)
--------------------------------
+Conventions (voxelmorph 0.2 ``register.py``; ITK / ANTs)
+-------------------------------------------------------
 * nibabel world = RAS+ mm; ITK/ANTs physical space = LPS mm: ``p_LPS = F · p_RAS`` with F = diag(−1, −1, 1)
   (2-D: diag(−1, −1)). An image with spatial affine A (voxel → RAS) is, in ITK terms, spacing = the column
   norms of A, direction = F · A / spacing, origin = F · (A's translation) (:func:`to_ants`).

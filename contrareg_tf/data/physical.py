@@ -19,7 +19,7 @@ Conventions and choices
   Linear interpolation for images, nearest neighbour for labels (labels keep their integer dtype), and 0
   outside the moving image's field of view (no data there; the field of view ends half a voxel beyond the
   outer voxel centres, the voxels' own extent). The moving image keeps its own intensities.
-* **Warps** (voxelmorph's ``register.py`` convention, REFERENCE §7): displacement ``u`` in voxel units of the
+* **Warps** (voxelmorph's ``register.py`` convention): displacement ``u`` in voxel units of the
   fixed image's own grid (original voxel order, not the canonical one), index (ij) order, shape
   (*vol, ndim). The moving point matching fixed voxel ``x`` has world coordinates ``A_f · (x + u(x))``;
   so ``u`` *includes* any affine pre-alignment, and moved(x) = moving(A_m⁻¹ · A_f · (x + u(x))). With a

@@ -1,4 +1,4 @@
-"""DNS similarity (DNS paper, seed 002, §3.4 Eq. 5; REFERENCE.md §5): the negated cosine similarity of
+"""DNS similarity (DNS paper, Mok et al., CVPR 2024, §3.4 Eq. 5): the negated cosine similarity of
 Gaussian-smoothed MASR-Net descriptors,
 
     L_sim(F, M) = − mean_x cos( ψ_σ(D_F)(x), ψ_σ(D_M)(x) ),
@@ -27,9 +27,9 @@ _EPS = 1e-12
 
 
 def default_weights_path(ndim):
-    """Path of the shipped MASR-Net weights for ``ndim`` (``<repo>/models/dns_proxy{ndim}d.h5``)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.path.join(root, "models", f"dns_proxy{int(ndim)}d.h5")
+    """Path of the shipped MASR-Net weights for ``ndim`` (``models/dns_proxy{ndim}d.h5``, see ``assets``)."""
+    from ..assets import shipped
+    return shipped(f"dns_proxy{int(ndim)}d.h5")
 
 
 def smooth(desc, sigma=DNS_SMOOTH_SIGMA):

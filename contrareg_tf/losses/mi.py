@@ -1,7 +1,6 @@
 """Mutual information with soft (Gaussian / RBF) binning on a fixed [0, 1] intensity range.
 
 ContraReg baselines (paper §3, Table 1): global MI (48 bins) and local MI (Guo 2019: 48 bins, patch 9).
-REFERENCE.md §4.
 
 Soft binning. Bin centres c_b = linspace(0, 1, bins); σ = sigma_ratio · (1 / (bins − 1)) (default 0.5 of the
 bin spacing). Every voxel value x gets weights w_b(x) ∝ exp(−(x − c_b)² / (2σ²)), normalised to sum to 1

@@ -1,4 +1,5 @@
-"""MIND and MIND-SSC self-similarity descriptors and the MIND loss (REFERENCE.md §4).
+"""MIND and MIND-SSC self-similarity descriptors and the MIND loss (Heinrich et al.,
+MedIA 2012; MIND-SSC: Heinrich et al., MICCAI 2013, as in convexAdam, Siebert et al. 2021).
 
 * **MIND** (Heinrich et al., MedIA 2012): for each offset r_k of the six-neighbourhood at distance d
   (2-D: the four-neighbourhood), D_k = box_p[(I − I(· + r_k))²] is the patch SSD (p^n box mean);

@@ -1,5 +1,4 @@
 """Normalised gradient fields (Haber & Modersitzki 2006), the NGF baseline of ContraReg (Table 1).
-REFERENCE.md §4.
 
     NGF(S, T) = 1 − mean_x ( (∇S·∇T)² / ((‖∇S‖² + ε²)(‖∇T‖² + ε²)) )
 

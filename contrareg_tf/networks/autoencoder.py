@@ -11,7 +11,7 @@ filters 32-64-128-64-32-32-32-1"). Our reading (the paper does not place the res
 so the feature maps f1..f6 (the **post-convolution, pre-norm** outputs of blocks 1..6) live at strides
 2, 4, 8, 4, 2, 1 relative to the input (``feature_strides``). No skip connections. Instance norm is
 ``tf.keras.layers.GroupNormalization(groups=-1)`` (eps 1e-3, affine), numerically identical to tfa's
-``InstanceNormalization`` and weight-compatible with it (REFERENCE §9). Convs: he-normal kernels (vxm's
+``InstanceNormalization`` and weight-compatible with it (tested in tests/test_autoencoder.py). Convs: he-normal kernels (vxm's
 U-Net default), zero biases. Fully convolutional: input (None,)*ndim + (1,); spatial sizes must be
 divisible by 8 (pass ``inshape`` to fix and check them).
 

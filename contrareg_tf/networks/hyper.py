@@ -1,4 +1,6 @@
-"""λ-conditioned VoxelMorph registration network (ContraReg paper §2, REFERENCE §1 and §3).
+"""λ-conditioned VoxelMorph registration network (ContraReg paper §2: hypernetwork conditioning as in
+HyperMorph, Hoopes et al., IPMI 2021, with the FiLM framework of Mok & Chung, MICCAI 2021; voxelmorph 0.2's
+``VxmDense``).
 
 ``FiLMVxmDense`` *is* voxelmorph 0.2's ``VxmDense`` (U-Net, SVF rescaling, scaling-and-squaring ``VecInt``,
 bidirectional ``SpatialTransformer``s) built with

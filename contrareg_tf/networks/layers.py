@@ -5,7 +5,7 @@
   broadcast over space. γ, β come from a separate ``Dense(2C)`` projection (see ``hyper.py``); this
   layer only applies them, so it can be tested against numpy in isolation.
 * ``L2Normalize``: ``x / (‖x‖₂ + eps)`` along the last axis — CUT's ``Normalize(2)`` that puts the
-  PatchNCE projection-head outputs on the unit hypersphere (paper §2, REFERENCE §2).
+  PatchNCE projection-head outputs on the unit hypersphere (paper §2; CUT, Park et al., ECCV 2020).
 * ``NearestUpsample``: ×factor nearest-neighbour up-sampling by ``tf.repeat`` — the values of Keras
   ``UpSampling{1,2,3}D``, but XLA-compilable with its gradient (see the class).
 """

@@ -1,5 +1,5 @@
-"""MASR-Net and the Deep Neighbourhood Self-similarity (DNS) descriptor (DNS paper, seed 002, §3.2–3.3;
-REFERENCE.md §5), plus its anatomy-aware contrastive training (``train_masr``).
+"""MASR-Net and the Deep Neighbourhood Self-similarity (DNS) descriptor (DNS paper, Mok et al., CVPR
+2024, §3.2–3.3), plus its anatomy-aware contrastive training (``train_masr``).
 
 Architecture (``build_masr``), image (B, *vol, 1) → descriptor D (B, *vol, C_d), 2-D and 3-D:
 

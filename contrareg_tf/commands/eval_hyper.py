@@ -1,0 +1,38 @@
+"""Evaluate trained λ-conditioned models over the paper's 17 λ values; write one CSV per method, Table 1
+(Markdown + CSV), Fig. 3-style curves and Fig. 2-style example slices.
+
+    python eval_scripts/eval_hyper.py --runs runs/mcr runs/cr runs/mi --out results/ --preset cpu-demo
+"""
+import argparse
+
+from contrareg_tf.cli import console
+
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, help="train_hyper.py output folders (one per method)")
+    p.add_argument("--out", required=True, help="folder for CSVs, table1.md/csv, fig3.png, fig2.png")
+    p.add_argument("--data", default=None, help="data-set description; default: the built-in proxy of the runs")
+    p.add_argument("--split", default="test")
+    p.add_argument("--pairs", type=int, default=None, help="number of test pairs (default: all ordered pairs)")
+    p.add_argument("--max-folds", type=float, default=0.5, help="Table 1 folding budget, %% of voxels")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse(argv)
+    from contrareg_tf import experiment
+
+    table_md = experiment.evaluate_runs(a.runs, a.out, data=a.data, split=a.split, n_pairs=a.pairs,
+                                        budget=a.max_folds, progress=not a.no_progress)
+    print(table_md)
+    return 0
+
+
+cli = console(main)
+
+
+if __name__ == "__main__":
+    cli()
