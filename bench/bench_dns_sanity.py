@@ -15,21 +15,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True)
     p.add_argument("--weights", required=True)
-    p.add_argument("--pairs", type=int, default=4, help="held-out subjects i (pairs i, i+1)")
+    p.add_argument("--pairs", type=int, default=4,
+                   help="at most this many pairs (i, i+1) of consecutive held-out subjects (fewer if the preset "
+                        "holds fewer held-out subjects)")
     a = p.parse_args(argv)
 
     import tensorflow as tf
 
     from contrareg_tf.config import get_preset
     from contrareg_tf.data.io import crop_or_pad, load_nifti
-    from contrareg_tf.data.proxy import build_proxy
+    from contrareg_tf.experiment import resolve_data
     from contrareg_tf.losses.dns import DNS
     from contrareg_tf.networks.masr import build_masr, load_masr
 
     cfg = get_preset(a.preset)
     ndim = len(cfg.inshape)
-    desc = build_proxy(n_subjects=cfg.proxy_subjects, shape=cfg.inshape, spacing=cfg.spacing, seed=cfg.seed,
-                       max_disp=cfg.proxy_max_disp, ndim=ndim, source=cfg.data_source)
+    desc = resolve_data(cfg)
     subs = (desc.split("test") + desc.split("val"))[: a.pairs + 1]
 
     def vol(path):
