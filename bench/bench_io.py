@@ -71,7 +71,8 @@ def _warp_labels_np(lab, u):
 
 
 def _run_io(fix, mov, spacing, opts, features):
-    from contrareg_tf.instance_opt import instance_optimise, warp
+    from contrareg_tf.instance_opt import instance_optimise
+    from contrareg_tf.ops import warp_array as warp
 
     kw = {}
     if features == "dns":

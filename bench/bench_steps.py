@@ -24,7 +24,8 @@ def worker(preset, loss, steps, warmup):
 
     from contrareg_tf import experiment, training
     from contrareg_tf.config import get_preset
-    from contrareg_tf.losses.objective import alpha_for, velocity_regulariser
+    from contrareg_tf.losses.objective import velocity_regulariser
+    from contrareg_tf.losses.similarity import LossSpec
 
     cfg = get_preset(preset)
     arr = experiment.split_arrays(experiment.resolve_data(cfg), "train", cfg)
@@ -36,7 +37,7 @@ def worker(preset, loss, steps, warmup):
     opt = tf.keras.optimizers.Adam(1e-6)
     opt.build(model.trainable_variables + sim.trainable_variables)
     strat = tf.distribute.get_strategy()
-    step = training.make_train_step(model, sim, velocity_regulariser(cfg.reg_penalty), alpha_for(loss, cfg), opt,
+    step = training.make_train_step(model, sim, velocity_regulariser(cfg.reg_penalty), LossSpec.parse(loss).alpha(cfg), opt,
                                     strat, cfg.batch_size)
     sampler = training.PairSampler(arr["t1"], arr["t2"], arr["mask1"], arr["mask2"], cfg.batch_size, seed=0)
     t0 = time.time()

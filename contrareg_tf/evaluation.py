@@ -31,7 +31,7 @@ def _batch_metrics(fixed_labs, moving_labs, flows, label_ids):
     displacements (B, *vol, ndim): one batched nearest-neighbour warp, then numpy metrics.
     Returns (dice (B, L), other (B, 2))."""
     from . import metrics
-    from .networks.hyper import warp
+    from .ops import warp_array as warp
 
     moved = np.asarray(warp(np.asarray(moving_labs, np.int32)[..., None], flows, interp="nearest"))[..., 0]
     ids = np.asarray(label_ids, np.int64)

@@ -239,11 +239,10 @@ def reproduce_table1(cfg, out_dir, methods=("mcr", "cr", "mi", "lmi", "mind", "n
                      ae_iters=None, ae1=None, ae2=None, n_pairs=None, resume=False, progress=True, workers=None):
     """The main job: proxy data → autoencoders (shipped, given, or trained) → one run per method → Table 1.
     ``workers``: methods trained at once (default ``default_workers``)."""
-    from .losses.similarity import LOSS_NAMES, is_contrastive
+    from .losses.similarity import LossSpec, is_contrastive
 
     for m in methods:
-        if m not in LOSS_NAMES:
-            raise ContraRegInputError(f"unknown method {m!r}; choose from {', '.join(LOSS_NAMES)}")
+        LossSpec.parse(m)        # one error line for an unknown method
     if workers is not None and int(workers) < 1:
         raise ContraRegInputError(f"workers must be >= 1, got {workers}")
     os.makedirs(out_dir, exist_ok=True)

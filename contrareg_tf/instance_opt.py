@@ -17,10 +17,9 @@ for Deformable Multi-Modality Medical Image Registration*).
   level of shape n: u = u_norm · (n − 1) / 2; between levels the normalised field is upsampled linearly
   (align-corners), which is the same as upsampling the voxel field and scaling it by (n_new−1)/(n_old−1).
 * Similarity: 1 − mean over voxels of the cosine of D_F and D_M∘φ (the negated cosine shifted by 1 so that
-  0 = perfect), D_M warped linearly (ij, border-clamped). Warping and integration call voxelmorph's
-  ``utils.transform`` / ``utils.integrate_vec`` — the per-sample functions inside ``SpatialTransformer`` /
-  ``VecInt`` — in a static loop over the batch instead of the layers' ``tf.map_fn`` (measured on CPU: the
-  traced step 2–3× faster, tracing 3–4× shorter for the SVF).
+  0 = perfect), D_M warped linearly (ij, border-clamped). Warping, integration, resizing, ψ_σ and the
+  regulariser are the shared primitives of ``contrareg_tf.ops`` (``warp``, ``integrate``, ``resize_linear``,
+  ``gaussian_smooth``, ``grad``): the same ψ_σ as the DNS loss.
   Regulariser: diffusion ‖∇u‖² (= vxm ``Grad('l2')``) of the displacement **in voxels of the current level**
   (a dimensionless strain, comparable across levels); weights [0.6, 0.5, 0.4].
 * A batch of B pairs is optimised jointly with the loss summed over the batch (Adam is element-wise, so
@@ -37,6 +36,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from . import ops
 from .config import PAPER
 from .errors import ContraRegInputError, RegistrationDiverged
 
@@ -68,20 +68,8 @@ class IOResult:
 
 # ------------------------------------------------------------------------------------------ validation
 def _as_batch(x, name, ndim=None):
-    x = np.asarray(x.numpy() if hasattr(x, "numpy") else x)
-    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise ContraRegInputError(f"{name}: expected a numeric array, got dtype {x.dtype}")
-    if x.ndim not in (4, 5):
-        raise ContraRegInputError(
-            f"{name}: expected shape (B, *vol, C) with 2 or 3 spatial axes, got {x.shape}")
-    if ndim is not None and x.ndim - 2 != ndim:
-        raise ContraRegInputError(f"{name}: {x.ndim - 2}-D, expected {ndim}-D like the fixed image")
-    if min(x.shape[1:-1]) < 4:
-        raise ContraRegInputError(f"{name}: every spatial axis needs >= 4 voxels, got {x.shape}")
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ContraRegInputError(f"{name}: contains {int(np.size(x) - np.isfinite(x).sum())} NaN/Inf values")
-    return x
+    x = x.numpy() if hasattr(x, "numpy") else x
+    return ops.check_image(x, name, ndim=ndim, min_size=4).numpy().astype(np.float32)
 
 
 def _per_level(v, levels, name, cast=float):
@@ -128,81 +116,7 @@ def level_shapes(shape, levels=IO_LEVELS, min_scale=IO_MIN_SCALE):
     return out
 
 
-# ------------------------------------------------------------------------------------- resampling ops
-def _interp_matrix(n_out, n_in):
-    """(n_out, n_in) linear-interpolation weights, align-corners (end points map to end points)."""
-    m = np.zeros((n_out, n_in), np.float32)
-    if n_in == 1:
-        m[:, 0] = 1.0
-        return m
-    pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
-    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w = (pos - lo).astype(np.float32)
-    m[np.arange(n_out), lo] += 1 - w
-    m[np.arange(n_out), hi] += w
-    return m
-
-
-def resize_linear(x, out_shape):
-    """Separable (bi/tri)linear resize of (B, *vol, C) to (B, *out_shape, C), align-corners."""
-    x = tf.convert_to_tensor(x, tf.float32)
-    ndim = x.shape.rank - 2
-    letters = "xyz"[:ndim]
-    for ax in range(ndim):
-        n_in, n_out = x.shape[ax + 1], int(out_shape[ax])
-        if n_in == n_out:
-            continue
-        m = tf.constant(_interp_matrix(n_out, n_in))
-        src = "b" + letters + "c"
-        dst = src.replace(letters[ax], "o")
-        x = tf.einsum(f"o{letters[ax]},{src}->{dst}", m, x)
-    return x
-
-
-def gaussian_smooth(x, sigma):
-    """Separable Gaussian filter (σ in voxels, truncated at 3σ, replicate border) of (B, *vol, C)."""
-    if sigma is None or sigma <= 0:
-        return tf.convert_to_tensor(x, tf.float32)
-    x = tf.convert_to_tensor(x, tf.float32)
-    ndim = x.shape.rank - 2
-    r = max(1, int(math.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = (k / k.sum()).astype(np.float32)
-    c = x.shape[-1]
-    for ax in range(ndim):
-        # pad one axis (replicate), then a depthwise 1-D conv along it: channels moved to the batch axis
-        n = tf.shape(x)[ax + 1]
-        x = tf.gather(x, tf.clip_by_value(tf.range(-r, n + r), 0, n - 1), axis=ax + 1)
-        shape = [1] * ndim
-        shape[ax] = 2 * r + 1
-        kern = tf.constant(k.reshape(shape + [1, 1]))
-        perm = [0, ndim + 1] + list(range(1, ndim + 1))
-        xc = tf.transpose(x, perm)                                 # (B, C, *vol)
-        sp = tf.shape(xc)
-        xc = tf.reshape(xc, tf.concat([[-1], sp[2:], [1]], 0))      # (B·C, *vol, 1)
-        xc = tf.nn.convolution(xc, kern, padding="VALID")
-        sp2 = tf.shape(xc)
-        xc = tf.reshape(xc, tf.concat([[sp[0], c], sp2[1:-1]], 0))
-        x = tf.transpose(xc, [0] + list(range(2, ndim + 2)) + [1])
-    return x
-
-
-def warp(image, disp, interp="linear"):
-    """Warp (B, *vol, C) by voxel displacements (B, *vol, ndim) (vxm ``transform``: ij, border-clamped);
-    ``interp='nearest'`` for label maps (returned in the input dtype)."""
-    img = np.asarray(image)
-    out = _warp_batch(tf.cast(img, tf.float32), tf.convert_to_tensor(disp, tf.float32), interp).numpy()
-    if not np.issubdtype(img.dtype, np.floating):
-        out = np.rint(out).astype(img.dtype)
-    return out
-
-
 # --------------------------------------------------------------------------------- feature providers
-def _l2n(f):
-    return tf.math.l2_normalize(f, axis=-1, epsilon=1e-12)
-
-
 def ae_features(model, image, layers=None):
     """ContraReg autoencoder features (outputs [recon, f1..f6]): each chosen layer (1-based, default all)
     linearly upsampled to full resolution, L2-normalised per voxel across its channels, concatenated."""
@@ -218,8 +132,8 @@ def ae_features(model, image, layers=None):
             raise ContraRegInputError(f"autoencoder feature layer {i} out of range 1..{len(feats)}")
         f = feats[i - 1]
         if tuple(f.shape[1:-1]) != vol:
-            f = resize_linear(f, vol)
-        parts.append(_l2n(f))
+            f = ops.resize_linear(f, vol)
+        parts.append(ops.l2_normalize(f))
     return tf.concat(parts, axis=-1)
 
 
@@ -308,47 +222,10 @@ def _pad8(feature_fn, x):
 
 
 # -------------------------------------------------------------------------------------------- core
-def _cosine_dissimilarity(a_unit, b):
-    """Per-sample 1 − mean_x cos(a(x), b(x)) for (B, *vol, C); ``a_unit`` is already L2-normalised per voxel
-    (the fixed descriptor is normalised once per level)."""
-    cos = tf.reduce_sum(a_unit * b, axis=-1) * tf.math.rsqrt(tf.maximum(tf.reduce_sum(b * b, axis=-1), 1e-12))
+def _cosine_dissimilarity(a, b):
+    """Per-sample 1 − mean_x cos(a(x), b(x)) for (B, *vol, C)."""
+    cos = ops.cosine(a, b)
     return 1.0 - tf.reduce_mean(tf.reshape(cos, [tf.shape(cos)[0], -1]), axis=-1)
-
-
-def diffusion(u):
-    """Per-sample diffusion regulariser ‖∇u‖²: forward differences along each spatial axis, mean of squares
-    per axis, averaged over axes — the value of vxm ``Grad('l2').loss``. Differences are taken with
-    ``tf.roll`` and a mask on the wrapped slice instead of vxm's per-axis transposes / slices, whose
-    gradients are slow on CPU (measured fwd+bwd at 96³: 0.39 s for vxm Grad, ~0.06 s here)."""
-    ndim = u.shape.rank - 2
-    shape = u.shape.as_list()
-    terms = []
-    for ax in range(1, ndim + 1):
-        keep = np.ones([1] * (ndim + 2), np.float32).repeat(shape[ax], axis=ax)
-        keep[(slice(None),) * ax + (-1,)] = 0.0               # the wrapped-around difference
-        d = (tf.roll(u, -1, axis=ax) - u) * tf.constant(keep)
-        count = (shape[ax] - 1) * int(np.prod([shape[i] for i in range(1, ndim + 2) if i != ax]))
-        terms.append(tf.reduce_sum(tf.reshape(tf.square(d), [tf.shape(u)[0], -1]), axis=-1) / count)
-    return tf.add_n(terms) / ndim
-
-
-def _warp_batch(vol, disp, interp="linear"):
-    """vxm ``utils.transform`` (the per-sample function of ``SpatialTransformer``; ij, border-clamped)
-    over a static batch loop: same values as the layer, but without its ``tf.map_fn``, which makes the
-    traced Adam step 2–3× slower and its tracing several times longer on CPU (measured)."""
-    import voxelmorph as vxm
-
-    return tf.stack([vxm.utils.transform(vol[b], disp[b], interp_method=interp, fill_value=None)
-                     for b in range(vol.shape[0])])
-
-
-def _integrate_batch(vel, int_steps):
-    """Scaling and squaring of voxel SVFs (B, *vol, ndim) with vxm ``utils.integrate_vec`` (what
-    ``VecInt(method='ss')`` calls per sample), static batch loop as in :func:`_warp_batch`."""
-    import voxelmorph as vxm
-
-    return tf.stack([vxm.utils.integrate_vec(vel[b], method="ss", nb_steps=int_steps)
-                     for b in range(vel.shape[0])])
 
 
 class _LevelSolver:
@@ -371,13 +248,13 @@ class _LevelSolver:
     def disp(self, p):
         """Normalised parameter → voxel displacement of this level (integrated if diffeomorphic)."""
         u = p * self.scale
-        return _integrate_batch(u, self.int_steps) if self.diffeomorphic else u
+        return ops.integrate(u, self.int_steps) if self.diffeomorphic else u
 
     def _step(self):
         with tf.GradientTape() as tape:
             u = self.disp(self.var)
-            sim = _cosine_dissimilarity(self.ff, _warp_batch(self.fm, u))
-            reg = diffusion(u)
+            sim = _cosine_dissimilarity(self.ff, ops.warp(self.fm, u))
+            reg = ops.grad(u, "l2")
             loss = sim + self.w * reg
             total = tf.reduce_sum(loss)  # sum over pairs: each pair's Adam path is independent of B
         self.opt.apply_gradients([(tape.gradient(total, self.var), self.var)])
@@ -385,7 +262,7 @@ class _LevelSolver:
 
     def reset(self, init, ff, fm, lr, w):
         self.var.assign(init)
-        self.ff.assign(_l2n(ff))
+        self.ff.assign(ff)                 # ops.cosine normalises both sides
         self.fm.assign(fm)
         self.w.assign(w)
         for v in self.opt.variables:
@@ -429,8 +306,8 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     shapes = level_shapes(vol, levels, min_scale)
 
     f_fix, f_mov = feature_provider(features, ndim=ndim, **feature_kwargs)
-    df = gaussian_smooth(f_fix(fx), smooth_sigma)
-    dm = gaussian_smooth(f_mov(mv), smooth_sigma)
+    df = ops.gaussian_smooth(f_fix(fx), smooth_sigma)
+    dm = ops.gaussian_smooth(f_mov(mv), smooth_sigma)
     if df.shape != dm.shape or df.shape[:-1] != fx.shape[:-1]:
         raise ContraRegInputError(f"feature maps must be (B, *vol, C) and equal: got {df.shape}, {dm.shape}")
     if not bool(tf.reduce_all(tf.math.is_finite(df))) or not bool(tf.reduce_all(tf.math.is_finite(dm))):
@@ -442,9 +319,9 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     bar = tqdm(total=sum(iters), disable=not progress, desc="IO", leave=False)
     for lvl, shape in enumerate(shapes):
         if tuple(param.shape[1:-1]) != shape:
-            param = resize_linear(param, shape)
+            param = ops.resize_linear(param, shape)
         solver = _solver(bsz, shape, nch, bool(diffeomorphic), int(int_steps))
-        solver.reset(param, resize_linear(df, shape), resize_linear(dm, shape), lrs[lvl], regw[lvl])
+        solver.reset(param, ops.resize_linear(df, shape), ops.resize_linear(dm, shape), lrs[lvl], regw[lvl])
         rec = {"loss": [], "sim": [], "reg": []}
         for _ in range(iters[lvl]):
             try:
@@ -471,20 +348,20 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
                                    f"too high a learning rate (lrs {lrs}) or too low a regularisation weight "
                                    f"(reg_weights {regw})")
     if tuple(param.shape[1:-1]) != tuple(vol):
-        param = resize_linear(param, vol)
+        param = ops.resize_linear(param, vol)
     v = param * tf.constant([(n - 1) / 2.0 for n in vol], tf.float32)
     inverse = velocity = None
     if diffeomorphic:
-        u = _integrate_batch(v, int(int_steps))
-        inverse = _integrate_batch(-v, int(int_steps)).numpy()
+        u = ops.integrate(v, int(int_steps))
+        inverse = ops.integrate(-v, int(int_steps)).numpy()
         velocity = v.numpy()
     else:
         u = v
-    moved = _warp_batch(tf.convert_to_tensor(mv), u).numpy()
+    moved = ops.warp(tf.convert_to_tensor(mv), u).numpy()
     return IOResult(disp=u.numpy(), moved=moved, inverse=inverse, velocity=velocity, history=history,
                     level_shapes=shapes, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["instance_optimise", "check_schedule", "IOResult", "feature_provider", "ae_features", "level_shapes", "diffusion",
-           "resize_linear", "gaussian_smooth", "warp", "FEATURE_NAMES", "IO_LRS", "IO_ITERS",
+__all__ = ["instance_optimise", "check_schedule", "IOResult", "feature_provider", "ae_features", "level_shapes",
+           "FEATURE_NAMES", "IO_LRS", "IO_ITERS",
            "IO_REG_WEIGHTS", "IO_LEVELS", "IO_SMOOTH_SIGMA", "IO_MIN_SCALE"]

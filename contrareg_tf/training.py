@@ -161,7 +161,7 @@ def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditio
                      rng=None):
     """Model, head sets and the bidirectional similarity for ``loss_name`` (call inside a strategy scope).
     ``rng``: a ``tf.random.Generator`` for the PatchNCE locations (checkpointed, so resume is exact)."""
-    from .losses.similarity import BidirSimilarity, is_contrastive
+    from .losses.similarity import LossSpec, build_similarity
     from .networks import autoencoder as ae_mod
     from .networks.heads import build_heads
     from .networks.hyper import build_hyper_vxm
@@ -169,7 +169,7 @@ def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditio
     ndim = len(cfg.inshape)
     model = build_hyper_vxm(cfg, conditioning=conditioning)
     heads1 = heads2 = None
-    if is_contrastive(loss_name):
+    if LossSpec.parse(loss_name).contrastive:
         aes = []
         for k, src in enumerate((ae1, ae2)):
             if rand_ae:
@@ -185,7 +185,7 @@ def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditio
         chans = ae_mod.feature_channels(cfg.ae_filters, cfg.ae_nb_feature_layers)
         heads1 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads1")
         heads2 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads2")
-    sim = BidirSimilarity(loss_name, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=rng)
+    sim = build_similarity(loss_name, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=rng)
     return model, heads1, heads2, sim
 
 
@@ -194,28 +194,19 @@ def _training_model(model):
     return tf.keras.Model(model.inputs, [r.y_source, r.y_target, r.preint_flow, r.pos_flow, r.neg_flow])
 
 
-def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, ext=False, jit=False):
-    """One Adam step on α(1−λ)·L_sim + λ·L_reg (+ FiLM weight decay), per-sample λ."""
-    import voxelmorph as vxm
-
+def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, jit=False):
+    """One Adam step on α(1−λ)·L_sim + λ·L_reg (+ FiLM weight decay), per-sample λ; ``sim`` (a
+    ``BidirSimilarity``) takes what it needs from the batch (masks, ExtNegs images)."""
     from .losses.objective import hyper_loss
 
     train_model = _training_model(model)
-    warp_mask = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij", fill_value=0.0)
     variables = model.trainable_variables + sim.trainable_variables
-    masked = sim.base == "mcr"
 
     def replica_step(b):
         with tf.GradientTape() as tape:
             # source = I2 (T2w, subject b), target = I1 (T1w, subject a)
             moved2, moved1, v, pos, neg = train_model([b["img2"], b["img1"], b["lam"]], training=True)
-            masks = None
-            if masked:
-                wm2 = tf.cast(warp_mask([b["mask2"], pos]) > 0.5, tf.float32)
-                wm1 = tf.cast(warp_mask([b["mask1"], neg]) > 0.5, tf.float32)
-                masks = (b["mask1"], wm2, b["mask2"], wm1)
-            terms = sim(b["img1"], b["img2"], moved2, moved1, masks=masks,
-                        ext=(b["ext1"], b["ext2"]) if ext else None)
+            terms = sim.training_terms(b, moved2, moved1, pos, neg)
             l_reg = reg(v)
             per_sample = hyper_loss(b["lam"], terms["sim"], l_reg, alpha=alpha, reduce=False)
             loss = _per_replica_mean(strategy, per_sample, global_batch)
@@ -250,7 +241,8 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
                  lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
                  mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
                  command=None):
-    from .losses.objective import alpha_for, velocity_regulariser
+    from .losses.objective import velocity_regulariser
+    from .losses.similarity import LossSpec
 
     iters = int(cfg.iters if iters is None else iters)
     lr = float(lr or cfg.lr)
@@ -261,7 +253,7 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
                                   f"config expects {tuple(cfg.inshape)}")
     set_mixed_precision(mixed_precision)
     strat = get_strategy(strategy)
-    ext = "extnegs" in loss_name
+    spec = LossSpec.parse(loss_name)
     tf.keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed (exact resume / re-runs)
     with strat.scope():
         rng = tf.random.Generator.from_seed(cfg.seed)
@@ -276,8 +268,8 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
             objs.update({f"heads2_{k}": h for k, h in enumerate(heads2)})
         ckpt = tf.train.Checkpoint(**objs)
         reg = velocity_regulariser(reg_penalty or cfg.reg_penalty)
-        step = make_train_step(model, sim, reg, alpha_for(loss_name, cfg), optimizer, strat,
-                               global_batch=batch_size, ext=ext, jit=xla)
+        step = make_train_step(model, sim, reg, spec.alpha(cfg), optimizer, strat,
+                               global_batch=batch_size, jit=xla)
     meta = {"config": dataclasses.asdict(cfg), "loss": loss_name, "conditioning": conditioning,
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
             "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
@@ -287,7 +279,7 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
         meta["data_spacing"] = spacing
     write_json(os.path.join(out_dir, "config.json"), meta)
     sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
-                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=ext)
+                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext)
 
     t0 = time.time()
     history = run_loop(step, sampler.batch, ckpt, out_dir, iters, cfg.ckpt_every, strat, resume, progress,

@@ -13,9 +13,9 @@ from contrareg_tf.networks import masr
 
 
 def np_smoothed_cosine(a, b, sigma, mask=None):
-    """mean_x cos(G_σ a, G_σ b) per sample; G_σ = scipy Gaussian, zero padding, radius round(3σ)."""
+    """mean_x cos(G_σ a, G_σ b) per sample; G_σ = scipy Gaussian, replicate border, radius 3σ."""
     def g(x):
-        return np.stack([ndi.gaussian_filter(x[..., c], sigma, mode="constant", truncate=3.0)
+        return np.stack([ndi.gaussian_filter(x[..., c], sigma, mode="nearest", truncate=3.0)
                          for c in range(x.shape[-1])], -1)
     out = []
     for i in range(a.shape[0]):
@@ -52,6 +52,18 @@ def test_descriptor_similarity_matches_numpy(shape, sigma):
     mask = (rng.random(shape[:-1] + (1,)) > 0.5).astype(np.float32)
     got_m = D.descriptor_similarity(a, b, sigma, mask=mask).numpy()
     np.testing.assert_allclose(got_m, np_smoothed_cosine(a, b, sigma, mask), atol=1e-5)
+
+
+def test_dns_loss_equals_io_similarity_at_identity(models):
+    """One ψ_σ: the DNS loss of a pair is IO's similarity term (1 − mean cos) at u = 0, minus 1."""
+    from contrareg_tf import instance_opt as IO
+
+    fix, mov = (phantom((32, 40), s)[None, ..., None] for s in (1, 2))
+    loss = float(D.DNS(models[2]).loss(fix, mov)[0])
+    res = IO.instance_optimise(fix, mov, features="dns", dns_model=models[2], levels=1, lrs=1e-3, iters=1,
+                               reg_weights=0.0, smooth_sigma=D.DNS_SMOOTH_SIGMA, progress=False)
+    assert abs(res.history[0]["sim"][0, 0] - (1.0 + loss)) < 1e-5
+    assert -1.0 < loss < -0.1
 
 
 def test_loss_identity_and_range(models):

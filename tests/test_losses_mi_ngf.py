@@ -241,7 +241,7 @@ def test_bad_inputs_raise_input_error():
     cases = [
         (lambda: mutual_information(a, np.zeros((1, 8, 9, 1), np.float32)), "shape"),
         (lambda: mutual_information(np.zeros((8, 8, 1), np.float32), np.zeros((8, 8, 1), np.float32)), "B, \\*vol"),
-        (lambda: local_mutual_information(np.zeros((1, 8, 8, 2)), np.zeros((1, 8, 8, 2))), "single-channel"),
+        (lambda: local_mutual_information(np.zeros((1, 8, 8, 2)), np.zeros((1, 8, 8, 2))), "expected 1 channel"),
         (lambda: MutualInformation(bins=1), "bins"),
         (lambda: MutualInformation(sigma_ratio=0), "sigma_ratio"),
         (lambda: MutualInformation(eps=0), "eps"),

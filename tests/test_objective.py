@@ -40,10 +40,12 @@ def test_hyper_loss_gradient_and_graph_mode():
 
 
 def test_alpha_switch():
-    for name in ["cr", "mcr", "CR+ExtNegs", "cr+mi", "cr+mi+extnegs", "mcr+randae", "mcr+suppretrain"]:
+    for name in ["cr", "mcr", "CR+ExtNegs", "cr+mi", "cr+mi+extnegs", "mcr+mi", "mcr+extnegs"]:
         assert alpha_for(name) == PAPER.alpha_contrastive == 0.1
-    for name in ["mi", "lmi", "mind", "ngf", "mse", "ncc", "dns"]:
+    for name in ["mi", "lmi", "mind", "ngf", "dns"]:
         assert alpha_for(name) == 1.0
+    with pytest.raises(ContraRegInputError, match="unknown loss 'mcr\\+randae'"):   # RandAE is a flag
+        alpha_for("mcr+randae")
     import dataclasses
     cfg = dataclasses.replace(PAPER, alpha_contrastive=0.3)
     assert alpha_for("mcr", cfg) == 0.3 and alpha_for("mi", cfg) == 1.0

@@ -3,8 +3,9 @@ Gaussian-smoothed MASR-Net descriptors,
 
     L_sim(F, M) = − mean_x cos( ψ_σ(D_F)(x), ψ_σ(D_M)(x) ),
 
-with D = MASR-Net(image) (``networks/masr.py``, frozen) and ψ_σ a per-channel Gaussian filter (neurite's
-``GaussianBlur``, separable, zero padding — harmless, the cosine ignores the resulting scale at the border).
+with D = MASR-Net(image) (``networks/masr.py``, frozen) and ψ_σ a per-channel Gaussian filter
+(``ops.gaussian_smooth``: separable, truncated at ⌈3σ⌉, replicate border — the same ψ_σ as instance
+optimisation, so a loss value here equals IO's similarity term at the identity).
 Per sample: (B,), in [−1, 1] (−1 = identical descriptors).
 
 In the Keras ``.loss(y_true, y_pred)`` form the descriptor of the *warped moving image* is used
@@ -19,11 +20,11 @@ import os
 
 import tensorflow as tf
 
+from .. import ops
 from ..errors import ContraRegInputError
 from ..networks.masr import dns_features  # noqa: F401  (re-export: descriptor of an image)
 
 DNS_SMOOTH_SIGMA = 1.0   # ψ_σ in voxels (assumption; the paper does not state it)
-_EPS = 1e-12
 
 
 def default_weights_path(ndim):
@@ -33,12 +34,9 @@ def default_weights_path(ndim):
 
 
 def smooth(desc, sigma=DNS_SMOOTH_SIGMA):
-    """ψ_σ: isotropic Gaussian filter of every channel of (B, *vol, C) (σ in voxels; 0 = identity)."""
-    if not sigma:
-        return desc
-    import neurite as ne
-
-    return ne.layers.GaussianBlur(sigma=float(sigma))(desc)
+    """ψ_σ: ``ops.gaussian_smooth`` (per channel, σ in voxels, replicate border; 0 = identity) — the same
+    filter instance optimisation applies to its descriptors."""
+    return ops.gaussian_smooth(desc, sigma)
 
 
 def descriptor_similarity(desc_f, desc_m, smooth_sigma=DNS_SMOOTH_SIGMA, mask=None):
@@ -52,10 +50,7 @@ def descriptor_similarity(desc_f, desc_m, smooth_sigma=DNS_SMOOTH_SIGMA, mask=No
     if desc_f.shape[1:].is_fully_defined() and desc_m.shape[1:].is_fully_defined() \
             and desc_f.shape[1:] != desc_m.shape[1:]:
         raise ContraRegInputError(f"descriptor shapes differ: {tuple(desc_f.shape)} vs {tuple(desc_m.shape)}")
-    a, b = smooth(desc_f, smooth_sigma), smooth(desc_m, smooth_sigma)
-    dot = tf.reduce_sum(a * b, axis=-1)
-    norm = tf.sqrt(tf.maximum(tf.reduce_sum(a * a, -1) * tf.reduce_sum(b * b, -1), _EPS))
-    cos = dot / norm                                                 # (B, *vol)
+    cos = ops.cosine(smooth(desc_f, smooth_sigma), smooth(desc_m, smooth_sigma))   # (B, *vol)
     axes = list(range(1, cos.shape.rank))
     if mask is None:
         return tf.reduce_mean(cos, axis=axes)

@@ -19,6 +19,7 @@ the entropy only when every value sits on a bin centre and σ is small.
 """
 import tensorflow as tf
 
+from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
 
@@ -41,14 +42,8 @@ def _check_params(bins, sigma_ratio, eps, patch=None):
 
 def _check_images(x, y, name="mutual information"):
     """Cast to float32 and check (B, *vol, 1) with ndim in {2, 3} and equal (static) shapes."""
-    x = tf.cast(tf.convert_to_tensor(x), tf.float32)
-    y = tf.cast(tf.convert_to_tensor(y), tf.float32)
-    for arg, t in (("y_true", x), ("y_pred", y)):
-        if t.shape.rank not in (4, 5):
-            raise ContraRegInputError(
-                f"{name}: {arg} must have shape (B, *vol, 1) with 2-D or 3-D vol, got {t.shape}")
-        if t.shape[-1] not in (None, 1):
-            raise ContraRegInputError(f"{name}: {arg} must be single-channel, got shape {t.shape}")
+    x, y = (tf.cast(ops.check_image(t, f"{name}: {arg}", channels=1, finite=False), tf.float32)
+            for arg, t in (("y_true", x), ("y_pred", y)))
     if not x.shape.is_compatible_with(y.shape):
         raise ContraRegInputError(f"{name}: y_true shape {x.shape} != y_pred shape {y.shape}")
     return x, y

@@ -12,8 +12,8 @@ MedIA 2012; MIND-SSC: Heinrich et al., MICCAI 2013, as in convexAdam, Siebert et
   apart (the diagonals (±1,0)–(0,±1)), i.e. the same rule "pairs of the 4-NH at distance √2" → 4 channels.
 
 Shared conventions (documented choices):
-* Shifts and box filters use **replicate** (edge) padding, built from clipped-index ``tf.gather``
-  (``tf.pad`` has no replicate mode): I(· + o) at the border reads the nearest in-image voxel.
+* Shifts and box filters use **replicate** (edge) padding (``ops.replicate_shift`` / ``ops.box_filter``):
+  I(· + o) at the border reads the nearest in-image voxel.
 * V is clamped to [1e-3, 1e3] × its **per-sample** global mean (convexAdam clamps with the mean over the
   whole batch; per sample keeps a batch of images equal to each image alone). The same clamp is used for
   MIND (the 2012 Matlab code uses another clamp; without one, flat regions give 0/0). A floor of 1e-12
@@ -29,66 +29,20 @@ import itertools
 
 import tensorflow as tf
 
+from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
-
-VAR_CLAMP = (1e-3, 1e3)
-_EPS = 1e-12
+from ..ops import box_filter, replicate_shift
 
 
 # --------------------------------------------------------------------------------------------- helpers
 def _as_image(x, name="image"):
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        x = tf.cast(x, tf.float32)
-    rank = x.shape.rank
-    if rank not in (4, 5):
-        raise ContraRegInputError(
-            f"{name}: expected a (B, *vol, C) tensor with 2 or 3 spatial axes, got shape {tuple(x.shape)}")
-    if x.shape[-1] is not None and x.shape[-1] != 1:
-        raise ContraRegInputError(f"{name}: expected one channel, got {x.shape[-1]} (shape {tuple(x.shape)})")
-    return x
-
-
-def _axis_index(n, offset):
-    return tf.clip_by_value(tf.range(n) + offset, 0, n - 1)
-
-
-def replicate_shift(x, offset):
-    """y(v) = x(clip(v + offset)) over the spatial axes of a (B, *vol, C) tensor (replicate padding)."""
-    for ax, o in enumerate(offset, start=1):
-        if o:
-            x = tf.gather(x, _axis_index(tf.shape(x)[ax], int(o)), axis=ax)
-    return x
-
-
-def replicate_pad(x, pad):
-    """Pad every spatial axis of (B, *vol, C) by ``pad`` voxels on both sides, repeating the edge."""
-    if pad <= 0:
-        return x
-    for ax in range(1, x.shape.rank - 1):
-        n = tf.shape(x)[ax]
-        x = tf.gather(x, tf.clip_by_value(tf.range(-pad, n + pad), 0, n - 1), axis=ax)
-    return x
-
-
-def box_filter(x, size):
-    """Mean over a ``size``^n box (odd size) with replicate padding; shape preserved."""
-    if size <= 1:
-        return x
-    ndim = x.shape.rank - 2
-    xp = replicate_pad(x, size // 2)
-    pool = tf.nn.avg_pool2d if ndim == 2 else tf.nn.avg_pool3d
-    return pool(xp, ksize=size, strides=1, padding="VALID")
+    return ops.check_image(x, name, channels=1, finite=False)   # static checks only (traced in losses)
 
 
 def _clamp_var(v):
-    """Clamp V to [1e-3, 1e3] × its per-sample global mean (plus a tiny absolute floor)."""
-    axes = list(range(1, v.shape.rank))
-    m = tf.reduce_mean(v, axis=axes, keepdims=True)
-    lo = tf.maximum(m * VAR_CLAMP[0], _EPS)
-    hi = tf.maximum(m * VAR_CLAMP[1], _EPS)
-    return tf.clip_by_value(v, lo, hi)
+    """V clamped to [1e-3, 1e3] × its per-sample global mean (``ops.clamp_variance``)."""
+    return ops.clamp_variance(v, range(1, v.shape.rank))
 
 
 def neighbourhood(ndim, distance=1):
@@ -207,5 +161,4 @@ def mind_loss(y_true, y_pred, distance=PAPER.mind_distance, patch=PAPER.mind_pat
     return MIND(distance, patch, variant, penalty).loss(y_true, y_pred)
 
 
-__all__ = ["mind", "mind_ssc", "descriptor", "MINDDescriptor", "MIND", "mind_loss", "replicate_shift",
-           "replicate_pad", "box_filter", "neighbourhood", "ssc_pairs"]
+__all__ = ["mind", "mind_ssc", "descriptor", "MINDDescriptor", "MIND", "mind_loss", "neighbourhood", "ssc_pairs"]

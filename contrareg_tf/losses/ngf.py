@@ -13,6 +13,7 @@ its value; 0.01 intensity units per voxel is our assumption for [0, 1] images (t
 """
 import tensorflow as tf
 
+from .. import ops
 from ..errors import ContraRegInputError
 
 NGF_EPS = 0.01
@@ -34,15 +35,8 @@ def ngf_loss(y_true, y_pred, eps=NGF_EPS):
     """NGF distance (module docstring) between (B, *vol, 1) images, 2-D or 3-D -> (B,)."""
     if not eps > 0:
         raise ContraRegInputError(f"NGF: eps must be > 0, got {eps!r}")
-    s = tf.cast(tf.convert_to_tensor(y_true), tf.float32)
-    t = tf.cast(tf.convert_to_tensor(y_pred), tf.float32)
-    for arg, v in (("y_true", s), ("y_pred", t)):
-        if v.shape.rank not in (4, 5):
-            raise ContraRegInputError(f"NGF: {arg} must have shape (B, *vol, 1) with 2-D or 3-D vol, got {v.shape}")
-        if v.shape[-1] not in (None, 1):
-            raise ContraRegInputError(f"NGF: {arg} must be single-channel, got shape {v.shape}")
-        if any(d is not None and d < 3 for d in v.shape[1:-1]):
-            raise ContraRegInputError(f"NGF: {arg} needs >= 3 voxels per spatial axis, got {v.shape}")
+    s, t = (tf.cast(ops.check_image(v, f"NGF: {arg}", channels=1, min_size=3, finite=False), tf.float32)
+            for arg, v in (("y_true", y_true), ("y_pred", y_pred)))
     if not s.shape.is_compatible_with(t.shape):
         raise ContraRegInputError(f"NGF: y_true shape {s.shape} != y_pred shape {t.shape}")
     gs, gt = _central_gradients(s), _central_gradients(t)

@@ -7,22 +7,22 @@
 ‖v‖²; the default reads it as voxelmorph's smoothness ``Grad('l2')`` of v (``PAPER.reg_penalty``), 'norm'
 is the literal mean of v², 'l1' is ``Grad('l1')``. Per-sample losses have shape (B,).
 """
-import re
 
 import numpy as np
 import tensorflow as tf
 
+from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
 
-CONTRASTIVE = ("cr", "mcr")
 PENALTIES = ("l2", "l1", "norm")
 
 
 def alpha_for(loss_name, cfg=PAPER):
-    """α on L_sim: ``cfg.alpha_contrastive`` (0.1) if the loss is CR / mCR (any '+'-variant), else 1.0."""
-    base = re.split(r"[+_\-\s]", str(loss_name).strip().lower())[0]
-    return cfg.alpha_contrastive if base in CONTRASTIVE else 1.0
+    """α on L_sim for a ``--loss`` name: ``LossSpec.parse(name).alpha(cfg)`` (0.1 for CR / mCR variants)."""
+    from .similarity import LossSpec
+
+    return LossSpec.parse(loss_name).alpha(cfg)
 
 
 def velocity_reg(v, penalty=PAPER.reg_penalty):
@@ -39,12 +39,7 @@ def velocity_reg(v, penalty=PAPER.reg_penalty):
     axes = list(range(1, v.shape.rank))
     if penalty == "norm":
         return tf.reduce_mean(tf.square(v), axis=axes)
-    per_axis = []
-    for d in range(1, v.shape.rank - 1):
-        n = v.shape[d]
-        diff = tf.gather(v, tf.range(1, n), axis=d) - tf.gather(v, tf.range(0, n - 1), axis=d)
-        per_axis.append(tf.reduce_mean(tf.square(diff) if penalty == "l2" else tf.abs(diff), axis=axes))
-    return tf.add_n(per_axis) / len(per_axis)
+    return ops.grad(v, penalty)
 
 
 def velocity_regulariser(penalty=PAPER.reg_penalty):

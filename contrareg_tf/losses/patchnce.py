@@ -29,6 +29,7 @@ with :func:`attach_heads` so that ``fit`` trains the heads too.
 import numpy as np
 import tensorflow as tf
 
+from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
 
@@ -111,22 +112,9 @@ def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, va
 
 
 # ------------------------------------------------------------------------------------------ loss class
-def _l2n(x):
-    from ..networks.layers import l2_normalize
-
-    return l2_normalize(x, 1e-7)
-
 
 def _check_image(x, arg, channels=(1,)):
-    x = tf.convert_to_tensor(x)
-    r = x.shape.rank
-    if r not in (4, 5):
-        raise ContraRegInputError(f"{arg}: expected a (B, *vol, C) image with 2 or 3 spatial dims, "
-                                  f"got shape {x.shape}")
-    if x.shape[-1] is not None and x.shape[-1] not in channels:
-        raise ContraRegInputError(f"{arg}: expected {' or '.join(map(str, channels))} channel(s), "
-                                  f"got shape {x.shape}")
-    return tf.cast(x, tf.float32)
+    return tf.cast(ops.check_image(x, arg, channels=channels, finite=False), tf.float32)
 
 
 class PatchNCE:
@@ -205,7 +193,7 @@ class PatchNCE:
         g = tf.gather(tf.reshape(feat, [b, -1, c]), idx, batch_dims=1)
         p = head(tf.reshape(g, [-1, c]))
         p = tf.reshape(p, [b, tf.shape(idx)[1], tf.shape(p)[-1]])
-        return _l2n(p) if self.normalize else p
+        return ops.l2_normalize(p) if self.normalize else p
 
     def _layer_mask(self, mask, feat):
         b = tf.shape(feat)[0]

@@ -9,84 +9,151 @@ is the one place that maps a ``--loss`` name to loss objects; ``objective.py`` c
 Convention: I1 = modality 1 (T1w) of subject a is the *target*, I2 = modality 2 (T2w) of subject b the
 *source*; the network warps I2 onto I1 (y_source = I2∘φ) and I1 onto I2 (y_target = I1∘φ⁻¹).
 """
-from ..config import PAPER
+import dataclasses
 
+from ..config import PAPER
+from ..errors import ContraRegInputError
+
+# the --loss names: Table 1's set A (mcr, cr, mi, lmi, mind, ngf), set C (+mi, +extnegs) and DNS
 LOSS_NAMES = ("mcr", "cr", "mi", "lmi", "mind", "ngf", "cr+mi", "cr+extnegs", "cr+mi+extnegs",
               "mcr+mi", "mcr+extnegs", "dns")
+CONTRASTIVE = ("cr", "mcr")
 
 
-def is_contrastive(name):
-    return name.split("+")[0] in ("cr", "mcr")
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """A ``--loss`` name parsed once: ``base`` (one of :data:`_REGISTRY`), ``add_mi`` (``+mi``: global MI
+    added to L_sim), ``ext_negs`` (``+extnegs``: negatives also from another subject). Everything else that
+    depends on the name is a property here, so no caller re-parses the string."""
+    name: str
+    base: str
+    add_mi: bool = False
+    ext_negs: bool = False
+
+    @classmethod
+    def parse(cls, name) -> "LossSpec":
+        if isinstance(name, LossSpec):
+            return name
+        key = str(name).strip().lower()
+        if key not in LOSS_NAMES:
+            raise ContraRegInputError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+        base, *mods = key.split("+")
+        return cls(key, base, "mi" in mods, "extnegs" in mods)
+
+    @property
+    def contrastive(self) -> bool:
+        """CR / mCR (PatchNCE on autoencoder features): needs autoencoders and heads."""
+        return self.base in CONTRASTIVE
+
+    @property
+    def masked(self) -> bool:
+        """mCR: PatchNCE locations sampled inside the (warped) brain masks."""
+        return self.base == "mcr"
+
+    needs_masks = masked
+
+    @property
+    def needs_ext(self) -> bool:
+        """ExtNegs: every batch also carries another subject's T1w and T2w."""
+        return self.ext_negs
+
+    def alpha(self, cfg=PAPER) -> float:
+        """α on L_sim: ``cfg.alpha_contrastive`` (0.1) for CR / mCR and their variants, else 1.0."""
+        return cfg.alpha_contrastive if self.contrastive else 1.0
 
 
-def _check_name(name):
-    from ..errors import ContraRegInputError
+def parse_loss(name) -> LossSpec:
+    return LossSpec.parse(name)
 
-    if name not in LOSS_NAMES:
-        raise ContraRegInputError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+
+def is_contrastive(name) -> bool:
+    return LossSpec.parse(name).contrastive
+
+
+# registry: base -> builder(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed) -> (d12, d21)
+def _patchnce(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
+    from .patchnce import PatchNCE
+
+    if ae1 is None or ae2 is None or heads1 is None or heads2 is None:
+        raise ContraRegInputError("a contrastive loss needs two autoencoders and two head sets")
+    kw = dict(num_patches=cfg.num_patches, tau=cfg.nce_tau, masked=masked, seed=seed)
+    return PatchNCE(ae1, heads1, ae2, heads2, **kw), PatchNCE(ae2, heads2, ae1, heads1, **kw)
+
+
+def _symmetric(make):
+    def build(cfg, *args):
+        loss = make(cfg, *args)
+        return loss, loss
+    return build
+
+
+def _mi(cfg, *_):
+    from .mi import MutualInformation
+    return MutualInformation(bins=cfg.mi_bins)
+
+
+def _lmi(cfg, *_):
+    from .mi import LocalMutualInformation
+    return LocalMutualInformation(bins=cfg.lmi_bins, patch=cfg.lmi_patch)
+
+
+def _mind(cfg, *_):
+    from .mind import MIND
+    return MIND(distance=cfg.mind_distance, patch=cfg.mind_patch)
+
+
+def _ngf(cfg, *_):
+    from .ngf import NGF
+    return NGF()
+
+
+def _dns(cfg, ae1, ae2, heads1, heads2, dns_model, *_):
+    from .dns import DNS
+    return DNS(dns_model)      # a MASR-Net model or .h5 path; None = the shipped weights for this ndim
+
+
+_REGISTRY = {"cr": _patchnce, "mcr": _patchnce, "mi": _symmetric(_mi), "lmi": _symmetric(_lmi),
+             "mind": _symmetric(_mind), "ngf": _symmetric(_ngf), "dns": _symmetric(_dns)}
+
+
+def build_similarity(name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None,
+                     seed=None) -> "BidirSimilarity":
+    """The one place that maps a ``--loss`` name (or a :class:`LossSpec`) to loss objects."""
+    return BidirSimilarity(name, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=seed)
 
 
 class BidirSimilarity:
-    """Callable ``(i1, i2, moved2, moved1, masks=None, ext=None) -> dict of per-sample (B,) terms`` with key
-    ``'sim'`` holding L_sim (the paper's ½(d12 + d21), plus +MI for the ``+mi`` variants).
+    """Callable ``(i1, i2, moved2, moved1, masks=None, ext=None) -> dict of per-sample (B,) terms``: ``'d12'``
+    (I1 vs I2∘φ), ``'d21'`` (I2 vs I1∘φ⁻¹) and ``'sim'`` = ½(d12 + d21) (+ MI for the ``+mi`` variants).
 
     ``masks`` = (fixed-side mask for d12, moved-side mask for d12, fixed-side mask for d21, moved-side mask
     for d21) for mCR; ``ext`` = (ext1, ext2): another subject's T1w and T2w (ExtNegs negatives; d12's moved
-    side is T2w so it takes ext2, d21's takes ext1)."""
+    side is T2w so it takes ext2, d21's takes ext1). :meth:`training_terms` builds both from a training
+    batch and the network's flows, so the trainer does not need to know which loss it runs."""
 
     def __init__(self, name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None, seed=None):
-        _check_name(name)
-        self.name = name
-        parts = name.split("+")
-        self.base = parts[0]
-        self.add_mi = "mi" in parts[1:]
-        self.ext_negs = "extnegs" in parts[1:]
+        self.spec = LossSpec.parse(name)
+        self.name = self.spec.name
         self.heads = [h for h in (heads1 or []) + (heads2 or [])]
-        if is_contrastive(name):
-            from .patchnce import PatchNCE
+        self.d12, self.d21 = _REGISTRY[self.spec.base](cfg, ae1, ae2, heads1, heads2, dns_model,
+                                                       self.spec.masked, seed)
+        if self.spec.add_mi:
+            self.mi = _mi(cfg)
+        self._warp_mask = None
+        if self.spec.masked:      # vxm's layer, zero outside the image (as the moved images' masks)
+            import voxelmorph as vxm
 
-            if ae1 is None or ae2 is None or heads1 is None or heads2 is None:
-                from ..errors import ContraRegInputError
-
-                raise ContraRegInputError(f"loss {name!r} needs two autoencoders and two head sets")
-            masked = self.base == "mcr"
-            kw = dict(num_patches=cfg.num_patches, tau=cfg.nce_tau, masked=masked, seed=seed)
-            self.d12 = PatchNCE(ae1, heads1, ae2, heads2, **kw)
-            self.d21 = PatchNCE(ae2, heads2, ae1, heads1, **kw)
-        elif self.base == "mi":
-            from .mi import MutualInformation
-
-            self.d12 = self.d21 = MutualInformation(bins=cfg.mi_bins)
-        elif self.base == "lmi":
-            from .mi import LocalMutualInformation
-
-            self.d12 = self.d21 = LocalMutualInformation(bins=cfg.lmi_bins, patch=cfg.lmi_patch)
-        elif self.base == "mind":
-            from .mind import MIND
-
-            self.d12 = self.d21 = MIND(distance=cfg.mind_distance, patch=cfg.mind_patch)
-        elif self.base == "ngf":
-            from .ngf import NGF
-
-            self.d12 = self.d21 = NGF()
-        elif self.base == "dns":
-            from .dns import DNS
-
-            # dns_model: a MASR-Net model or .h5 path; None = the weights shipped in models/ for this ndim
-            self.d12 = self.d21 = DNS(dns_model)
-        if self.add_mi:
-            from .mi import MutualInformation
-
-            self.mi = MutualInformation(bins=cfg.mi_bins)
+            self._warp_mask = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij",
+                                                            fill_value=0.0)
 
     @property
     def trainable_variables(self):
         return [v for h in self.heads for v in h.trainable_variables]
 
     def _term(self, loss, fixed, moved, mask_f=None, mask_m=None, ext=None):
-        if is_contrastive(self.name):
+        if self.spec.contrastive:
             masks = None if mask_f is None else (mask_f, mask_m)
-            return loss.compute(fixed, moved, masks=masks, ext=ext if self.ext_negs else None)
+            return loss.compute(fixed, moved, masks=masks, ext=ext if self.spec.ext_negs else None)
         return loss.loss(fixed, moved)
 
     def __call__(self, i1, i2, moved2, moved1, masks=None, ext=None):
@@ -95,8 +162,23 @@ class BidirSimilarity:
         d12 = self._term(self.d12, i1, moved2, m[0], m[1], e2)
         d21 = self._term(self.d21, i2, moved1, m[2], m[3], e1)
         out = {"d12": d12, "d21": d21, "sim": 0.5 * (d12 + d21)}
-        if self.add_mi:
+        if self.spec.add_mi:
             mi = 0.5 * (self.mi.loss(i1, moved2) + self.mi.loss(i2, moved1))
             out["mi"] = mi
             out["sim"] = out["sim"] + mi
         return out
+
+    def training_terms(self, batch, moved2, moved1, pos_flow, neg_flow):
+        """Terms for a training batch (keys ``img1``, ``img2``, and ``mask1``/``mask2`` for mCR,
+        ``ext1``/``ext2`` for ExtNegs): mCR's moved-side masks are the brain masks warped by the same
+        flows as the images (linear, > 0.5)."""
+        masks = None
+        if self.spec.masked:
+            import tensorflow as tf
+
+            wm2 = tf.cast(self._warp_mask([batch["mask2"], pos_flow]) > 0.5, tf.float32)
+            wm1 = tf.cast(self._warp_mask([batch["mask1"], neg_flow]) > 0.5, tf.float32)
+            masks = (batch["mask1"], wm2, batch["mask2"], wm1)
+        ext = (batch["ext1"], batch["ext2"]) if self.spec.ext_negs else None
+        return self(batch["img1"], batch["img2"], moved2, moved1, masks=masks, ext=ext)
+

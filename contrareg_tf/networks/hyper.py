@@ -36,6 +36,7 @@ from voxelmorph.tf import networks as _vxm_networks
 
 from ..config import PAPER, Config
 from ..errors import ContraRegInputError
+from ..ops import check_image, warp_array as warp  # noqa: F401  (warp: public re-export)
 from .layers import FiLM, NearestUpsample
 
 CONDITIONINGS = ("film", "hyperconv")
@@ -240,9 +241,7 @@ def _as_batch(arr, inshape, what):
     if a.ndim != nd + 2 or a.shape[1:-1] != tuple(inshape) or a.shape[-1] != 1:
         raise ContraRegInputError(
             f"{what}: shape {np.shape(arr)} does not match the model's input (B, *{tuple(inshape)}, 1)")
-    if not np.all(np.isfinite(a)):
-        raise ContraRegInputError(f"{what}: contains NaN or Inf")
-    return a
+    return check_image(a, what, channels=1, ndim=nd).numpy()
 
 
 def _as_lambda(lam):
@@ -281,44 +280,6 @@ def register(model, moving, fixed, lam, batch_size=1):
     outs = reg.predict([m, f, lam], batch_size=batch_size, verbose=0)
     outs = [np.asarray(o, np.float32) for o in outs]
     return outs[0], outs[1], (outs[2] if len(outs) > 2 else None)
-
-
-def warp(image_or_labels, u, interp="linear"):
-    """Warp an image or label map with displacement ``u`` (φ(x) = x + u(x), voxel units, ij) using vxm's
-    ``SpatialTransformer`` (out-of-domain samples take the nearest border value).
-
-    u: (B, *vol, ndim) or (*vol, ndim); the image must match u's batching: (B, *vol, C) / (B, *vol)
-    (resp. (*vol, C) / (*vol)). ``interp='nearest'`` for label maps: integer (or bool) input comes back with
-    its own dtype; ``'linear'`` returns float32. The output has the input's shape.
-    """
-    if interp not in ("linear", "nearest"):
-        raise ContraRegInputError(f"interp={interp!r}: choose 'linear' or 'nearest'")
-    img = np.asarray(image_or_labels)
-    u = np.asarray(u, dtype=np.float32)
-    if u.ndim < 2 or u.shape[-1] not in (2, 3) or u.ndim not in (u.shape[-1] + 1, u.shape[-1] + 2):
-        raise ContraRegInputError(f"u: expected (B, *vol, ndim) or (*vol, ndim) with ndim 2 or 3, got {u.shape}")
-    if not np.all(np.isfinite(u)):
-        raise ContraRegInputError("u: contains NaN or Inf")
-    batched = u.ndim == u.shape[-1] + 2
-    grid = u.shape[:-1]
-    if img.shape == grid:
-        x, squeeze = img[..., None], True
-    elif img.shape[:-1] == grid:
-        x, squeeze = img, False
-    else:
-        raise ContraRegInputError(f"image shape {img.shape} does not match displacement shape {u.shape}")
-    if not batched:
-        x, u = x[None], u[None]
-    is_int = np.issubdtype(img.dtype, np.integer) or img.dtype == bool
-    st = vxm.layers.SpatialTransformer(interp_method=interp, indexing="ij", fill_value=None)
-    y = st([tf.constant(x.astype(np.float32)), tf.constant(u)]).numpy()
-    if not batched:
-        y = y[0]
-    if squeeze:
-        y = y[..., 0]
-    if is_int and interp == "nearest":
-        return np.rint(y).astype(img.dtype)
-    return y.astype(np.float32)
 
 
 def load_registration_weights(model, path):

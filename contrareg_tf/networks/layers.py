@@ -12,6 +12,7 @@
 import tensorflow as tf
 
 from ..errors import ContraRegInputError
+from ..ops import L2_EPS, l2_normalize
 
 
 class FiLM(tf.keras.layers.Layer):
@@ -42,17 +43,10 @@ class FiLM(tf.keras.layers.Layer):
         return input_shape[0]
 
 
-def l2_normalize(x, eps=1e-7):
-    """``x / (‖x‖₂ + eps)`` over the last axis, with a finite gradient at x = 0 (tf.norm's is NaN there: a
-    ReLU head that outputs an all-zero vector, e.g. on constant background, would poison the whole step)."""
-    norm = tf.sqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True), 1e-24))
-    return x / (norm + eps)
-
-
 class L2Normalize(tf.keras.layers.Layer):
-    """``x / (‖x‖₂ + eps)`` over the last axis (CUT's Normalize; eps added to the norm, not under the root)."""
+    """``ops.l2_normalize`` as a layer: ``x / (‖x‖₂ + eps)`` over the last axis (CUT's Normalize)."""
 
-    def __init__(self, eps=1e-7, **kwargs):
+    def __init__(self, eps=L2_EPS, **kwargs):
         super().__init__(**kwargs)
         self.eps = float(eps)
 

@@ -43,6 +43,8 @@ import tensorflow as tf
 
 from ..atomic import atomic_path, write_json
 from ..errors import ContraRegInputError
+from ..ops import clamp_variance, l2_normalize, replicate_pad, shift, check_image as _check
+from .layers import L2Normalize
 
 # DNS paper §4.2 "Implementation" (not in config.PAPER, which holds ContraReg's defaults).
 DNS_WIDTHS = (8, 16, 32, 64)      # assumption (unofficial reproduction)
@@ -55,8 +57,6 @@ DNS_TAU = 0.07                    # τ (paper)
 DNS_LR = 1e-4                     # Adam learning rate (paper)
 DNS_INVERT_PROB = 0.5             # δ (paper)
 DNS_BEZIER_POINTS = 3             # n random control points (paper)
-VAR_CLAMP = (1e-3, 1e3)
-_EPS = 1e-12
 _STRIDE = 8
 _CONFIG_ATTR = "masr_config"
 
@@ -77,22 +77,6 @@ def layout_pairs(ndim, radius=1):
     return [(a, b) for (ka, a), (kb, b) in itertools.combinations(nbrs, 2) if ka != kb]
 
 
-def _edge_pad(x, r, ndim):
-    """Replicate-pad the ndim spatial axes of (B, *vol, C) by r on each side."""
-    for ax in range(1, ndim + 1):
-        first = _slice_axis(x, ax, 0, 1, ndim)
-        last = _slice_axis(x, ax, -1, None, ndim)
-        x = tf.concat([first] * r + [x] + [last] * r, axis=ax)   # slices, not gathers: cheap gradients
-    return x
-
-
-def _shift(xp, offset, r, shape):
-    """xp = edge-padded by r; returns x(· + offset) with the unpadded spatial ``shape``."""
-    begin = [0] + [r + o for o in offset] + [0]
-    size = tf.concat([[-1], shape, [-1]], axis=0)
-    return tf.slice(xp, begin, size)
-
-
 def dns_layout(features, radius=1):
     """Deep neighbourhood self-similarity (Eq. 1) of one layout of radius ``radius``.
 
@@ -109,15 +93,12 @@ def dns_layout(features, radius=1):
     if r < 1:
         raise ContraRegInputError(f"dns_layout: radius must be >= 1, got {radius}")
     shape = tf.shape(h)[1:-1]
-    hp = _edge_pad(h, r, ndim)
+    hp = replicate_pad(h, r)
     d = []
     for a, b in layout_pairs(ndim, r):
-        d.append(tf.square(_shift(hp, a, r, shape) - _shift(hp, b, r, shape)))
+        d.append(tf.square(shift(hp, a, r, shape) - shift(hp, b, r, shape)))
     d = tf.stack(d, axis=-1)                                        # (B, *vol, C, P)
-    var = tf.reduce_mean(d, axis=-1, keepdims=True)                 # (B, *vol, C, 1)
-    gmean = tf.reduce_mean(var, axis=list(range(1, ndim + 1)), keepdims=True)
-    var = tf.clip_by_value(var, VAR_CLAMP[0] * gmean, VAR_CLAMP[1] * gmean)
-    var = tf.maximum(var, _EPS)
+    var = clamp_variance(tf.reduce_mean(d, axis=-1, keepdims=True), range(1, ndim + 1))  # (B, *vol, C, 1)
     return tf.exp(-d / var)
 
 
@@ -157,11 +138,6 @@ def upsample_linear(x):
         new = tf.concat([shp[:ax], [2 * n], shp[ax + 1:]], axis=0)
         x = tf.ensure_shape(tf.reshape(y, new), [None] * (ndim + 1) + [x.shape[-1]])
     return x
-
-
-def l2_normalize(x, eps=1e-12):
-    """Per-voxel L2 normalisation over the channel axis."""
-    return x * tf.math.rsqrt(tf.maximum(tf.reduce_sum(tf.square(x), axis=-1, keepdims=True), eps))
 
 
 def contrastive_loss(d, d_aug, tau=DNS_TAU):
@@ -209,11 +185,6 @@ class DNSLayer(tf.keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "radii": self.radii}
-
-
-class L2Normalize(tf.keras.layers.Layer):
-    def call(self, x):
-        return l2_normalize(x)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -286,28 +257,11 @@ def build_masr(ndim, widths=DNS_WIDTHS, feat_channels=DNS_FEAT_CHANNELS, dilatio
 # input checks, convenience, save / load
 # --------------------------------------------------------------------------------------------------------------
 def check_image(image, ndim=None, name="image"):
-    """(B, *vol, 1) float32 tensor, finite, spatial sizes divisible by 8, else ContraRegInputError.
-    Also accepts a bare (*vol,) array when ``ndim`` is given."""
-    x = np.asarray(image) if not tf.is_tensor(image) else image
-    shape = tuple(x.shape)
-    if ndim is not None and len(shape) == ndim:
-        x = tf.reshape(tf.cast(x, tf.float32), (1,) + shape[:ndim] + (1,))
-        shape = tuple(x.shape)
-    if len(shape) not in (4, 5) or shape[-1] != 1:
-        raise ContraRegInputError(f"{name}: expected (B, *vol, 1) with 2 or 3 spatial dims, got shape {shape}")
-    if ndim is not None and len(shape) - 2 != ndim:
-        raise ContraRegInputError(f"{name}: model is {ndim}-D but the image has {len(shape) - 2} spatial dims "
-                                  f"(shape {shape})")
-    bad = [s for s in shape[1:-1] if s is not None and s % _STRIDE]
-    if bad:
-        raise ContraRegInputError(f"{name}: spatial sizes {shape[1:-1]} must be divisible by {_STRIDE} "
-                                  "(MASR-Net has three BlurPool levels)")
-    x = tf.cast(x, tf.float32)
-    if not tf.executing_eagerly():
-        return x
-    if not bool(tf.reduce_all(tf.math.is_finite(x))):
-        raise ContraRegInputError(f"{name}: contains NaN/Inf values")
-    return x
+    """(B, *vol, 1) finite float32 image with spatial sizes divisible by 8 (``ops.check_image``), else
+    ContraRegInputError. Also accepts a bare (*vol,) array when ``ndim`` is given."""
+    if ndim is not None and len(np.shape(image)) == ndim:
+        image = tf.reshape(tf.cast(image, tf.float32), (1,) + tuple(np.shape(image)) + (1,))
+    return tf.cast(_check(image, name, channels=1, ndim=ndim, multiple=_STRIDE), tf.float32)
 
 
 def dns_features(image, model):
