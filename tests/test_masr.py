@@ -242,7 +242,7 @@ def test_save_load_roundtrip_and_wrong_topology(tmp_path, models):
     other = masr.build_masr(2, widths=(4, 8, 16, 32))
     q = str(tmp_path / "plain.h5")
     other.save_weights(q)
-    with pytest.raises(ContraRegInputError, match=r"plain\.h5: wrong topology: layer 'masr_enc0_conv0'"):
+    with pytest.raises(ContraRegInputError, match=r"plain\.h5: wrong topology: layer 0 'masr_enc0_conv0'"):
         masr.load_masr(q, ndim=2)
     assert masr.load_masr(q, ndim=2, widths=(4, 8, 16, 32)) is not None
     # weights of an unrelated model
@@ -252,7 +252,7 @@ def test_save_load_roundtrip_and_wrong_topology(tmp_path, models):
     with pytest.raises(ContraRegInputError, match=r"unrelated\.h5: wrong topology.*dense_x"):
         masr.load_masr(r, ndim=2)
     (tmp_path / "junk.h5").write_text("not hdf5")
-    with pytest.raises(ContraRegInputError, match=r"junk\.h5: not a readable HDF5"):
+    with pytest.raises(ContraRegInputError, match=r"junk\.h5: not an HDF5 weights file"):
         masr.load_masr(tmp_path / "junk.h5")
     with pytest.raises(ContraRegInputError, match="not found"):
         masr.load_masr(tmp_path / "missing.h5")

@@ -20,12 +20,12 @@ Model outputs ``[recon, f1, ..., f6]``. The loss module uses the 6 features of a
 """
 import os
 
-import h5py
 import tensorflow as tf
 
 from ..config import PAPER
 from ..errors import ContraRegInputError
 from .layers import NearestUpsample
+from .weights import load_weights
 
 NB_DOWN = 3   # 3 stride-2 blocks, then 3 up-sampling blocks (paper §3)
 
@@ -121,65 +121,6 @@ def random_autoencoder(ndim, seed, **kwargs):
 # .h5 weights I/O with a topology check
 # ---------------------------------------------------------------------------------------------------------
 
-def _h5_str(s):
-    return s.decode("utf8") if isinstance(s, bytes) else str(s)
-
-
-def _file_layers(path):
-    """[(layer name, [(weight name, shape)])] for the layers with weights in a Keras .h5 weights file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ContraRegInputError(f"{path}: file not found")
-    if not h5py.is_hdf5(path):
-        raise ContraRegInputError(f"{path}: file is not an HDF5 weights file")
-    with h5py.File(path, "r") as f:
-        g = f
-        if "layer_names" not in g.attrs and "model_weights" in g:   # full-model .h5 (model.save)
-            g = g["model_weights"]
-        if "layer_names" not in g.attrs:
-            raise ContraRegInputError(f"{path}: file is not a Keras HDF5 weights file (no 'layer_names')")
-        out = []
-        for lname in (_h5_str(n) for n in g.attrs["layer_names"]):
-            wnames = [_h5_str(w) for w in g[lname].attrs.get("weight_names", [])]
-            if wnames:
-                out.append((lname, [(w, tuple(g[lname][w].shape)) for w in wnames]))
-    return out
-
-
-def _model_layers(model):
-    """Same listing for a model, in Keras' h5 order (trainable then non-trainable weights per layer)."""
-    out = []
-    for layer in model.layers:
-        ws = layer.trainable_weights + layer.non_trainable_weights
-        if ws:
-            out.append((layer.name, [(w.name, tuple(w.shape)) for w in ws]))
-    return out
-
-
-def check_weights_file(model, path):
-    """Raise ``ContraRegInputError`` naming the first mismatch between a Keras ``.h5`` weights file and
-    ``model``; otherwise return None.
-
-    Layers are matched in order, like Keras' (topological) ``load_weights``: layer names may differ (so a
-    file written by a tfa-``InstanceNormalization`` model of the same topology loads); the number of
-    layers with weights, the number of weights per layer and every weight shape must agree.
-    """
-    path = os.fspath(path)
-    found, expected = _file_layers(path), _model_layers(model)
-    for i, ((mname, mw), (fname, fw)) in enumerate(zip(expected, found)):
-        where = f"layer {i} '{mname}'" + ("" if fname == mname else f" (file layer '{fname}')")
-        if len(mw) != len(fw):
-            raise ContraRegInputError(f"{path}: {where}: expected {len(mw)} weights, found {len(fw)}")
-        for (wm, sm), (wf, sf) in zip(mw, fw):
-            if sm != sf:
-                raise ContraRegInputError(
-                    f"{path}: {where}: weight '{wm.split('/')[-1]}' expected shape {sm}, found {sf} — "
-                    "the file was written by a model of a different topology")
-    if len(found) != len(expected):
-        raise ContraRegInputError(f"{path}: file has {len(found)} layers with weights, model "
-                                  f"'{model.name}' has {len(expected)} — different topology")
-
-
 def save_autoencoder(model, path):
     """Save the weights to ``path`` (``.h5``/``.hdf5``, Keras HDF5 weights format)."""
     path = os.fspath(path)
@@ -191,10 +132,8 @@ def save_autoencoder(model, path):
 
 
 def load_autoencoder_weights(model, path):
-    """Check the file against ``model`` (``check_weights_file``), then load it. Returns the model."""
-    check_weights_file(model, path)
-    model.load_weights(os.fspath(path))
-    return model
+    """Check the file against ``model`` (``weights.check_weights_file``), then load it. Returns the model."""
+    return load_weights(model, path)
 
 
 def load_autoencoder(path, ndim, filters=PAPER.ae_filters, nb_features=PAPER.ae_nb_feature_layers, name="ae",

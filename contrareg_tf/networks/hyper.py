@@ -24,7 +24,6 @@ Inputs ``[source, target, lam]``; outputs ``[y_source, y_target, v]`` with y_sou
 y_target = target∘φ⁻¹ (φ⁻¹ integrates −v). Displacements are voxel units, ij order (vxm's convention).
 """
 import contextlib
-import os
 
 import numpy as np
 import tensorflow as tf
@@ -285,8 +284,6 @@ def register(model, moving, fixed, lam, batch_size=1):
 def load_registration_weights(model, path):
     """``model.load_weights(path)`` after checking the ``.h5`` file's layers / weight shapes against the
     model (``ContraRegInputError`` naming the first mismatch)."""
-    from .autoencoder import check_weights_file  # shared h5 checker (lives with the AE loaders)
+    from .weights import load_weights
 
-    check_weights_file(model, path)
-    model.load_weights(os.fspath(path))
-    return model
+    return load_weights(model, path)

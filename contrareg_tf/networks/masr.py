@@ -33,7 +33,6 @@ foreground locations sampled per step, InfoNCE (Eq. 4) between D(I) and D(I') at
 τ = 0.07 (``contrastive_loss``), Adam 1e-4, batch 1; T1w and T2w images both serve as training images.
 """
 import itertools
-import json
 import os
 import time
 import types
@@ -282,7 +281,7 @@ def get_config(model):
 def save_masr(model, path, card=None):
     """Save weights to ``path`` (.h5) with the build config as an HDF5 attribute; ``card`` (dict) is also
     written as ``<path without .h5>.json``."""
-    import h5py
+    from .weights import write_json_attr
 
     path = os.fspath(path)
     if not path.endswith(".h5"):
@@ -290,34 +289,10 @@ def save_masr(model, path, card=None):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
         model.save_weights(tmp, save_format="h5")
-        with h5py.File(tmp, "a") as f:
-            f.attrs[_CONFIG_ATTR] = json.dumps(get_config(model))
+        write_json_attr(tmp, _CONFIG_ATTR, get_config(model))
     if card is not None:
         write_json(path[:-3] + ".json", card)
     return path
-
-
-def _h5_weights(path):
-    """{layer name: [weight shapes]} and the stored config (or None) of a Keras .h5 weights file."""
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise ContraRegInputError(f"{path}: not a readable HDF5 weights file ({e})") from None
-    with f:
-        cfg = f.attrs.get(_CONFIG_ATTR)
-        cfg = json.loads(cfg) if cfg is not None else None
-        if "layer_names" not in f.attrs:
-            raise ContraRegInputError(f"{path}: not a Keras weights file (no 'layer_names')")
-        out = {}
-        for ln in f.attrs["layer_names"]:
-            ln = ln.decode() if isinstance(ln, bytes) else str(ln)
-            g = f[ln]
-            wn = [w.decode() if isinstance(w, bytes) else str(w) for w in g.attrs.get("weight_names", [])]
-            if wn:
-                out[ln] = [tuple(g[w].shape) for w in wn]
-    return out, cfg
 
 
 def load_masr(path, ndim=None, **build_kwargs):
@@ -325,10 +300,10 @@ def load_masr(path, ndim=None, **build_kwargs):
     config; any ``ndim`` / build argument given must agree with it. Files without a stored config are
     built from the arguments. Any mismatch (dimensionality, layer names, weight shapes) raises
     ContraRegInputError naming the file and the mismatch."""
+    from .weights import load_weights, read_json_attr
+
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ContraRegInputError(f"{path}: MASR-Net weights file not found")
-    stored, cfg = _h5_weights(path)
+    cfg = read_json_attr(path, _CONFIG_ATTR)
     if cfg is not None:
         want = dict(build_kwargs, **({"ndim": ndim} if ndim is not None else {}))
         for k, v in want.items():
@@ -343,19 +318,7 @@ def load_masr(path, ndim=None, **build_kwargs):
         if ndim is None:
             raise ContraRegInputError(f"{path}: no stored MASR-Net config; pass ndim (and build arguments)")
         build = masr_config(ndim, **build_kwargs)
-    model = build_masr(**build)
-    expected = {l.name: [tuple(w.shape) for w in l.weights] for l in model.layers if l.weights}
-    if set(expected) != set(stored):
-        missing = sorted(set(expected) - set(stored))
-        extra = sorted(set(stored) - set(expected))
-        raise ContraRegInputError(f"{path}: wrong topology for MASR-Net {build}: layers missing from file "
-                                  f"{missing[:4]}, unexpected layers in file {extra[:4]}")
-    for ln, shapes in expected.items():
-        if shapes != stored[ln]:
-            raise ContraRegInputError(f"{path}: wrong topology: layer {ln!r} has weight shapes {stored[ln]} "
-                                      f"in the file but the model expects {shapes}")
-    model.load_weights(path)
-    return model
+    return load_weights(build_masr(**build), path)
 
 
 # --------------------------------------------------------------------------------------------------------------
