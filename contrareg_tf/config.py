@@ -13,6 +13,14 @@ from typing import Tuple
 # ch=64 rows lie on this grid) + 0.2–1.0 step 0.1 (9 values).
 LAMBDAS_17 = tuple([round(0.025 * i, 3) for i in range(8)] + [round(0.2 + 0.1 * i, 1) for i in range(9)])
 
+# Table 1 of the paper: set A (the similarity comparison the main job reproduces), in the paper's order
+TABLE1_A = ("mcr", "cr", "mi", "lmi", "mind", "ngf")
+# % of voxels with det J <= 0 allowed when λ is chosen (paper Table 1, after Mok & Chung 2021)
+FOLD_BUDGET = 0.5
+# foreground = intensity above this fraction of the [0, 1] range (mCR's fallback mask without brain masks,
+# register.py's model window); not in the paper
+FOREGROUND_LEVEL = 0.05
+
 
 @dataclass(frozen=True)
 class Config:
@@ -51,6 +59,8 @@ class Config:
     mind_patch: int = 3
     # training
     lr: float = 5e-5
+    ae_lr: float = 1e-4                           # autoencoder / SupPretrain pretraining (not in the paper)
+    lam_sp: float = 0.1                           # λsp of SupPretrain (paper §3)
     iters: int = 100_000
     batch_size: int = 1
     ckpt_every: int = 1000
@@ -99,6 +109,46 @@ PRESETS = {
 # and optimiser, 48 built-in subjects (6 test subjects = 30 test pairs instead of 6) and 3000 iterations
 PRESETS["cpu-bench"] = dataclasses.replace(PRESETS["cpu-demo"], name="cpu-bench", iters=3000, ckpt_every=500,
                                            proxy_subjects=48)
+
+
+@dataclass(frozen=True)
+class IOConfig:
+    """Instance optimisation (DNS paper, Mok et al. CVPR 2024, supplementary Table 4): 3 levels half → full
+    size, Adam lrs, iterations and diffusion weights per level; ψ_σ and the coarsest scale are not stated
+    there (ours: σ = 1 full-resolution voxel, scale 1/2)."""
+    name: str = "paper"
+    levels: int = 3
+    lrs: Tuple[float, ...] = (1e-2, 5e-3, 3e-3)
+    iters: Tuple[int, ...] = (100, 80, 50)
+    reg_weights: Tuple[float, ...] = (0.6, 0.5, 0.4)
+    smooth_sigma: float = 1.0
+    min_scale: float = 0.5
+
+
+IO_PAPER = IOConfig()
+IO_PRESETS = {"paper": IO_PAPER}
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """MASR-Net / DNS descriptor (DNS paper §3). ``widths``, ``feat_channels`` (C_h) and ``dilation`` are
+    assumptions of this unofficial reproduction; the rest are the paper's (C_d = 24 descriptor channels,
+    24 squeeze channels, N^k = 8196 samples, τ = 0.07, Adam 1e-4, inversion δ = 0.5, 3 Bézier points).
+    ``smooth_sigma``: ψ_σ of the DNS loss, the same filter as instance optimisation's."""
+    widths: Tuple[int, ...] = (8, 16, 32, 64)
+    feat_channels: int = 4
+    dilation: int = 2
+    desc_channels: int = 24
+    squeeze_channels: int = 24
+    num_samples: int = 8196
+    tau: float = 0.07
+    lr: float = 1e-4
+    invert_prob: float = 0.5
+    bezier_points: int = 3
+    smooth_sigma: float = IO_PAPER.smooth_sigma
+
+
+DNS_PAPER = DNSConfig()
 
 
 def get_preset(name: str) -> Config:

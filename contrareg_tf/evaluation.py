@@ -15,10 +15,9 @@ import math
 import numpy as np
 
 from .atomic import atomic_path
-from .config import LAMBDAS_17
+from .config import FOLD_BUDGET, LAMBDAS_17  # noqa: F401  (FOLD_BUDGET: % of all voxels, paper Table 1)
 from .errors import ContraRegInputError
 
-FOLD_BUDGET = 0.5  # % of all voxels (paper Table 1, after [30])
 
 CSV_FIELDS = ("lambda", "dice", "dice_std", "dice30", "folds", "folds_std", "sdlogj", "dice_inv", "dice30_inv",
               "folds_inv", "sdlogj_inv", "gain", "gain_std", "improved", "n_pairs")
@@ -283,23 +282,3 @@ def plot_examples(examples, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# per-pair λ choice under a folding budget (register.py --max-folds)
-# ------------------------------------------------------------------------------------------------------------
-def choose_lambda(model, moving, fixed, max_folds, lambdas=None):
-    """Smallest-regularisation λ whose warp keeps % folds ≤ ``max_folds`` for this pair. Accuracy rises as λ
-    falls (less regularisation) while folding grows, so the best admissible λ is the smallest one under the
-    budget; we scan a fine grid (41 values) from 0 upwards and stop at the first admissible λ. Returns
-    ``(lam, folds, outputs)``."""
-    from . import metrics
-    from .networks.hyper import register
-
-    lambdas = np.linspace(0.0, 1.0, 41) if lambdas is None else lambdas
-    for lam in lambdas:
-        out = register(model, moving, fixed, lam)
-        folds = metrics.folding_fraction(metrics.jacobian_determinant(out[1][0]))
-        if folds <= max_folds:
-            return float(lam), float(folds), out
-    raise ContraRegInputError(f"no λ in [0, 1] keeps folds ≤ {max_folds}% for this pair")

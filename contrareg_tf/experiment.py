@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from .atomic import write_json
-from .config import LAMBDAS_17, Config
+from .config import LAMBDAS_17, TABLE1_A, Config
 from .errors import ContraRegInputError
 
 
@@ -75,7 +75,7 @@ def make_test_pairs(arrays, n_pairs=None, seed=0):
 # ------------------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------------------
-def pretrain_autoencoder(cfg, modality, out, data=None, iters=None, lr=1e-4, batch_size=None, resume=False,
+def pretrain_autoencoder(cfg, modality, out, data=None, iters=None, lr=None, batch_size=None, resume=False,
                          progress=True, command=None):
     """Train A1 (``t1``) or A2 (``t2``) on the training split; writes ``out`` (.h5) and its model card."""
     from .training import train_autoencoder
@@ -97,7 +97,7 @@ def _annotate_card(h5_path, **extra):
     write_json(p, card)
 
 
-def sup_pretrain(cfg, out_dir, data=None, iters=None, lr=1e-4, batch_size=None, resume=False, progress=True,
+def sup_pretrain(cfg, out_dir, data=None, iters=None, lr=None, batch_size=None, resume=False, progress=True,
                  command=None):
     """SupPretrain (paper §3): A1, A2, F1, F2 on aligned same-subject pairs with λsp·d12 + Σ(L1 + NCC)."""
     from .training import train_sup_pretrain
@@ -148,7 +148,7 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
     ``fig2.png``; returns Table 1 as Markdown."""
     from . import evaluation
     from .networks.hyper import register
-    from .training import config_from_meta, load_trained
+    from .runs import config_from_meta, load_trained
 
     os.makedirs(out_dir, exist_ok=True)
     results, examples, pairs, before_pairs, cfg0, names, groups = {}, {}, None, None, None, None, None
@@ -235,7 +235,7 @@ def _train_runs(cfg, jobs, data, progress, workers):
             raise
 
 
-def reproduce_table1(cfg, out_dir, methods=("mcr", "cr", "mi", "lmi", "mind", "ngf"), data=None, iters=None,
+def reproduce_table1(cfg, out_dir, methods=TABLE1_A, data=None, iters=None,
                      ae_iters=None, ae1=None, ae2=None, n_pairs=None, resume=False, progress=True, workers=None):
     """The main job: proxy data → autoencoders (shipped, given, or trained) → one run per method → Table 1.
     ``workers``: methods trained at once (default ``default_workers``)."""

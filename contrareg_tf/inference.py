@@ -30,10 +30,10 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from .config import FOREGROUND_LEVEL  # noqa: F401  (foreground for the model window)
 from .errors import ContraRegInputError, ContraRegWarning
 
 MODEL_MARGIN = 2           # model-grid voxels of background kept around the foreground bounding box
-FOREGROUND_LEVEL = 0.05    # foreground = normalised intensity above this (for the window only)
 FOLD_WARNING = 20.0        # % folding voxels above which a written result is flagged
 
 
@@ -73,9 +73,11 @@ def unet_divisor(cfg) -> int:
 
 
 def _foreground(x: np.ndarray) -> np.ndarray:
-    from .data.io import normalize_intensity
+    """Every voxel above ``FOREGROUND_LEVEL`` of the normalised intensity (no hole filling / components:
+    the window must cover every bit of both foregrounds)."""
+    from .data.io import foreground_mask, normalize_intensity
 
-    return normalize_intensity(x) > FOREGROUND_LEVEL
+    return foreground_mask(normalize_intensity(x), FOREGROUND_LEVEL, fill_holes=False, largest_component=False)
 
 
 def model_window(fixed_c: np.ndarray, moving_c: np.ndarray, spacing_c: Sequence[float], model_spacing: float,
@@ -135,7 +137,6 @@ def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modal
     percentile-normalised here). Returns ``(fwd, inv, lam)``: displacements (*vol, ndim) in voxels of that
     grid, moving → fixed and back."""
     from .data.io import check_same_shape, normalize_intensity
-    from .evaluation import choose_lambda
     from .networks.hyper import register
 
     _validate_request(lam, max_folds, moving_modality)
@@ -163,7 +164,7 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
     from .data.io import check_output_paths, label_dtype, save_nifti
     from .data.itk import save_itk_displacement
     from .data.physical import load_pair
-    from .training import load_trained, read_run
+    from .runs import load_trained, read_run
 
     if (moving_labels is None) != (moved_labels_out is None):
         raise ContraRegInputError("--moving-labels and --moved-labels go together")
@@ -203,3 +204,23 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
         save_itk_displacement(itk_warp_out, warp, pair.fixed)
     warn_if_folding(folds, "too small a λ for this pair (use --max-folds, or a larger --lambda)")
     return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-pair λ choice under a folding budget (register.py --max-folds)
+# ----------------------------------------------------------------------------------------------------------
+def choose_lambda(model, moving, fixed, max_folds, lambdas=None):
+    """Smallest-regularisation λ whose warp keeps % folds ≤ ``max_folds`` for this pair. Accuracy rises as λ
+    falls (less regularisation) while folding grows, so the best admissible λ is the smallest one under the
+    budget; we scan a fine grid (41 values) from 0 upwards and stop at the first admissible λ. Returns
+    ``(lam, folds, outputs)``."""
+    from . import metrics
+    from .networks.hyper import register
+
+    lambdas = np.linspace(0.0, 1.0, 41) if lambdas is None else lambdas
+    for lam in lambdas:
+        out = register(model, moving, fixed, lam)
+        folds = metrics.folding_fraction(metrics.jacobian_determinant(out[1][0]))
+        if folds <= max_folds:
+            return float(lam), float(folds), out
+    raise ContraRegInputError(f"no λ in [0, 1] keeps folds ≤ {max_folds}% for this pair")

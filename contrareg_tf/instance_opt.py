@@ -37,15 +37,12 @@ import numpy as np
 import tensorflow as tf
 
 from . import ops
-from .config import PAPER
+from .config import IO_PAPER, PAPER
 from .errors import ContraRegInputError, RegistrationDiverged
 
-IO_LEVELS = 3
-IO_LRS = (1e-2, 5e-3, 3e-3)          # DNS paper Table 4
-IO_ITERS = (100, 80, 50)
-IO_REG_WEIGHTS = (0.6, 0.5, 0.4)
-IO_SMOOTH_SIGMA = 1.0                 # ψ_σ in full-resolution voxels (σ is not stated in the paper)
-IO_MIN_SCALE = 0.5                    # coarsest level = half size (Table 4: N_min = (H/2, W/2, D/2))
+# the DNS paper's Table-4 schedule (config.IOConfig holds the values)
+IO_LEVELS, IO_LRS, IO_ITERS = IO_PAPER.levels, IO_PAPER.lrs, IO_PAPER.iters
+IO_REG_WEIGHTS, IO_SMOOTH_SIGMA, IO_MIN_SCALE = IO_PAPER.reg_weights, IO_PAPER.smooth_sigma, IO_PAPER.min_scale
 FEATURE_NAMES = ("mindssc", "mind", "dns", "ae")
 
 

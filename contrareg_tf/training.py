@@ -10,7 +10,6 @@ is checkpointed, so a resumed run draws exactly what the uninterrupted run would
 (``tf.random.set_seed`` per step would also do it, but it clears TF's kernel caches: 10× slower steps.)
 """
 import dataclasses
-import json
 import math
 import os
 import time
@@ -18,9 +17,10 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from .atomic import atomic_path, write_json
+from .atomic import write_json
 from .config import PAPER, Config
 from .errors import ContraRegInputError, TrainingDiverged  # noqa: F401  (re-exported)
+from .runs import data_spacing, save_trained, save_trained_heads
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,96 +293,6 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
     return history
 
 
-def _save_weights(obj, out_dir, name):
-    with atomic_path(os.path.join(out_dir, name)) as tmp:
-        obj.save_weights(tmp)
-
-
-def save_trained_heads(out_dir, heads1=None, heads2=None):
-    for name, hs in (("heads1.h5", heads1), ("heads2.h5", heads2)):
-        if hs is not None:
-            _save_weights(_heads_container(hs), out_dir, name)
-
-
-def save_trained(out_dir, model, heads1=None, heads2=None):
-    """``model.h5`` (+ ``heads{1,2}.h5``), Keras ``save_weights`` format, written atomically."""
-    _save_weights(model, out_dir, "model.h5")
-    save_trained_heads(out_dir, heads1, heads2)
-
-
-def _heads_container(heads):
-    ins = [tf.keras.Input((h.in_channels,)) for h in heads]
-    return tf.keras.Model(ins, [h(x) for h, x in zip(heads, ins)])
-
-
-def data_spacing(arrays, ndim):
-    """Voxel size (mm) of the training images: median over subjects of the mean voxel edge of the
-    registered axes (the in-plane ones for 2-D), from the files' affines; None without affines."""
-    affines = arrays.get("affines")
-    if not affines:
-        return None
-    edges = [np.linalg.norm(np.asarray(a, np.float64)[:3, :ndim], axis=0).mean() for a in affines]
-    return round(float(np.median(edges)), 6)
-
-
-def config_from_meta(meta):
-    """The ``Config`` a run was trained with, from its ``config.json`` (JSON lists back to tuples)."""
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
-
-
-def read_run(run_dir):
-    """Read and check a ``train_hyper.py`` output folder before anything is built: ``config.json`` must be
-    valid JSON with a complete ``config`` entry, ``model.h5`` a readable HDF5 file. Returns ``(meta, cfg)``;
-    every problem is a ``ContraRegInputError`` naming the file."""
-    import h5py
-
-    cfg_path = os.path.join(run_dir, "config.json")
-    w_path = os.path.join(run_dir, "model.h5")
-    for p in (cfg_path, w_path):
-        if not os.path.isfile(p):
-            raise ContraRegInputError(f"{p}: not found — is {run_dir!r} a train_hyper.py output folder?")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ContraRegInputError(f"{cfg_path}: not a readable JSON file ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise ContraRegInputError(f"{cfg_path}: no 'config' entry — not written by train_hyper.py")
-    try:
-        cfg = config_from_meta(meta)
-    except TypeError as e:
-        raise ContraRegInputError(f"{cfg_path}: 'config' does not describe a model ({e})") from None
-    missing = [k for k in ("inshape", "ch", "nb_levels", "int_steps") if k not in meta["config"]]
-    if missing:
-        raise ContraRegInputError(f"{cfg_path}: 'config' lacks {missing}: cannot rebuild the model")
-    try:
-        with h5py.File(w_path, "r") as f:
-            if not len(f.keys()):
-                raise OSError("no weights in the file")
-    except OSError as e:
-        raise ContraRegInputError(f"{w_path}: not a readable Keras weights file (truncated or corrupt? {e})") \
-            from None
-    return meta, cfg
-
-
-def load_trained(run_dir, inshape=None):
-    """Rebuild a trained λ-conditioned model from ``run_dir`` (config.json + model.h5). ``inshape`` lets a
-    fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``; a missing,
-    truncated or incomplete file is a ``ContraRegInputError`` naming it."""
-    from .networks.hyper import build_hyper_vxm, load_registration_weights
-
-    meta, cfg = read_run(run_dir)
-    if inshape is not None:
-        cfg = dataclasses.replace(cfg, inshape=tuple(inshape))
-    model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
-    w_path = os.path.join(run_dir, "model.h5")
-    try:
-        load_registration_weights(model, w_path)
-    except (OSError, KeyError) as e:
-        raise ContraRegInputError(f"{w_path}: cannot load the weights ({type(e).__name__}: {e})") from None
-    return model, meta
-
-
 # --------------------------------------------------------------------------------------------------------------
 # autoencoder pretraining (paper §3) and SupPretrain
 # --------------------------------------------------------------------------------------------------------------
@@ -411,7 +321,7 @@ def _augment_batch(images, step, seed, crop, batch_size, stream=0):
     return np.stack(out)[..., None].astype(np.float32), idx
 
 
-def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, lr=1e-4, batch_size=None,
+def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, lr=None, batch_size=None,
                       resume=False, progress=True, seed=None, command=None):
     """Pretrain one modality's autoencoder on random crops (``cfg.ae_crop``) with flips and intensity
     jitter; L1 + local NCC. Writes ``out_path`` (.h5) and ``out_path`` with ``.json`` (model card)."""
@@ -420,6 +330,7 @@ def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, 
     images = np.asarray(images, np.float32)
     ndim = images.ndim - 1
     iters = int(cfg.iters if iters is None else iters)
+    lr = float(cfg.ae_lr if lr is None else lr)
     batch_size = int(batch_size or cfg.batch_size)
     seed = cfg.seed if seed is None else seed
     crop = tuple(min(c, s) for c, s in zip(cfg.ae_crop, images.shape[1:]))
@@ -452,8 +363,8 @@ def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, 
     return ae, history
 
 
-def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=1e-4, batch_size=None, resume=False,
-                       progress=True, command=None, lam_sp=0.1):
+def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=None, batch_size=None, resume=False,
+                       progress=True, command=None, lam_sp=None):
     """SupPretrain (paper §3): A1, A2, F1, F2 trained jointly on aligned same-subject pairs with
     λsp·d12(I1, I2) + Σ_i (L1 + NCC)(I_i, Î_i), λsp = 0.1. Writes ``ae_t1.h5``, ``ae_t2.h5``,
     ``heads1.h5``, ``heads2.h5`` and ``card.json`` in ``out_dir``."""
@@ -464,6 +375,8 @@ def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=1e-4, batch_
     t1, t2 = np.asarray(arrays["t1"], np.float32), np.asarray(arrays["t2"], np.float32)
     ndim = t1.ndim - 1
     iters = int(cfg.iters if iters is None else iters)
+    lr = float(cfg.ae_lr if lr is None else lr)
+    lam_sp = float(cfg.lam_sp if lam_sp is None else lam_sp)
     batch_size = int(batch_size or cfg.batch_size)
     os.makedirs(out_dir, exist_ok=True)
     tf.keras.utils.set_random_seed(cfg.seed)

@@ -161,6 +161,7 @@ def test_callable_and_pair_features_and_ae_provider():
     assert np.allclose(fm(np.ones((1, 4, 4, 1))), 2)
 
     # AE provider: a fake autoencoder with outputs [recon, f1 (full res), f2 (half res)]
+    tf.keras.utils.set_random_seed(0)
     inp = tf.keras.Input((16, 16, 1))
     f1 = tf.keras.layers.Conv2D(3, 3, padding="same", name="c1")(inp)
     f2 = tf.keras.layers.Conv2D(2, 3, strides=2, padding="same", name="c2")(f1)
@@ -175,7 +176,11 @@ def test_callable_and_pair_features_and_ae_provider():
     np.testing.assert_allclose(out[0, ..., :3], r1, atol=1e-5)
     up = np.stack([ndimage.zoom(o2[0, ..., c], 16 / 8, order=1, grid_mode=False, mode="nearest")
                    for c in range(2)], -1)
-    np.testing.assert_allclose(out[0, ..., 3:], up / np.linalg.norm(up, axis=-1, keepdims=True), atol=1e-4)
+    # compared un-normalised (times the reference norm): where |up| is small, float32 resizing error is
+    # amplified by the normalisation (measured: 1.7e-4 at 2 of 512 values for an unseeded network)
+    n = np.linalg.norm(up, axis=-1, keepdims=True)
+    np.testing.assert_allclose(out[0, ..., 3:] * n, up, atol=1e-5 * max(1.0, float(n.max())))
+    np.testing.assert_allclose(np.linalg.norm(out[0, ..., 3:], axis=-1)[n[..., 0] > 1e-3], 1.0, atol=1e-5)
     np.testing.assert_allclose(f_fix(x).numpy()[0, ..., :3],
                                (lambda o: o / np.linalg.norm(o, axis=-1, keepdims=True))(ae_b(x)[1].numpy()[0]),
                                atol=1e-5)

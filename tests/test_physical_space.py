@@ -113,7 +113,7 @@ def run_dir(tmp_path_factory):
     from contrareg_tf.atomic import write_json
     from contrareg_tf.config import get_preset
     from contrareg_tf.networks.hyper import build_hyper_vxm
-    from contrareg_tf.training import save_trained
+    from contrareg_tf.runs import save_trained
 
     d = str(tmp_path_factory.mktemp("run"))
     cfg = dataclasses.replace(get_preset("tiny3d"), spacing=2.0)

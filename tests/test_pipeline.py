@@ -105,7 +105,7 @@ def test_evaluate_lambdas_chunks_match_a_per_pair_numpy_evaluation(tiny_run, mon
 
     from contrareg_tf import experiment
     from contrareg_tf.networks.hyper import register
-    from contrareg_tf.training import config_from_meta, load_trained
+    from contrareg_tf.runs import config_from_meta, load_trained
 
     out, _ = tiny_run
     model, meta = load_trained(os.path.join(out, "mi"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from contrareg_tf import errors, training
+from contrareg_tf import errors, runs, training
 from contrareg_tf.config import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +161,6 @@ def test_data_spacing_from_affines():
     rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     a = np.diag([1.5, 1.5, 3.0, 1.0])
     affines = [a, rot @ a, np.diag([1.0, 1.0, 1.0, 1.0])]
-    assert training.data_spacing({"affines": affines}, 3) == pytest.approx(2.0)      # (1.5+1.5+3)/3, median
-    assert training.data_spacing({"affines": affines}, 2) == pytest.approx(1.5)      # in-plane only
-    assert training.data_spacing({"t1": np.zeros((1, 4, 4))}, 2) is None
+    assert runs.data_spacing({"affines": affines}, 3) == pytest.approx(2.0)      # (1.5+1.5+3)/3, median
+    assert runs.data_spacing({"affines": affines}, 2) == pytest.approx(1.5)      # in-plane only
+    assert runs.data_spacing({"t1": np.zeros((1, 4, 4))}, 2) is None

@@ -6,6 +6,7 @@
 import argparse
 
 from contrareg_tf.cli import console
+from contrareg_tf.config import FOLD_BUDGET
 
 
 
@@ -16,7 +17,7 @@ def parse(argv):
     p.add_argument("--data", default=None, help="data-set description; default: the built-in proxy of the runs")
     p.add_argument("--split", default="test")
     p.add_argument("--pairs", type=int, default=None, help="number of test pairs (default: all ordered pairs)")
-    p.add_argument("--max-folds", type=float, default=0.5, help="Table 1 folding budget, %% of voxels")
+    p.add_argument("--max-folds", type=float, default=FOLD_BUDGET, help="Table 1 folding budget, %% of voxels")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 

@@ -10,9 +10,9 @@ import argparse
 import dataclasses
 
 from contrareg_tf.cli import console
+from contrareg_tf.config import TABLE1_A
 
 
-DEFAULT_METHODS = ("mcr", "cr", "mi", "lmi", "mind", "ngf")
 
 
 def parse(argv):
@@ -22,7 +22,7 @@ def parse(argv):
     p.add_argument("--data", default=None, help="data-set description; default: built-in data")
     p.add_argument("--data-source", help="built-in data: icbm2009c (default; real T1w/T2w + CerebrA) or "
                    "mni2009a-synth (T2w rendered from tissue maps)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=list(TABLE1_A))
     p.add_argument("--iters", type=int, help="registration iterations per method (default: the preset's)")
     p.add_argument("--ae-iters", type=int, help="autoencoder iterations if they must be trained")
     p.add_argument("--ae1", help="T1w autoencoder .h5 (default: shipped models/ for the preset, else trained)")

@@ -33,7 +33,8 @@ def parse(argv):
     p.add_argument("--crop", type=_ints, help="training crop, e.g. 64,64,64 (default: the preset's ae_crop)")
     p.add_argument("--subjects", type=int, help="built-in data subjects (default: the preset's)")
     p.add_argument("--iters", type=int)
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (not in the paper; 1e-4)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: the preset's ae_lr, 1e-4; not in the paper)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", action="store_true")

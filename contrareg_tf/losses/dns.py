@@ -21,10 +21,11 @@ import os
 import tensorflow as tf
 
 from .. import ops
+from ..config import DNS_PAPER
 from ..errors import ContraRegInputError
 from ..networks.masr import dns_features  # noqa: F401  (re-export: descriptor of an image)
 
-DNS_SMOOTH_SIGMA = 1.0   # ψ_σ in voxels (assumption; the paper does not state it)
+DNS_SMOOTH_SIGMA = DNS_PAPER.smooth_sigma   # ψ_σ in voxels (not stated in the paper; = IO's σ)
 
 
 def default_weights_path(ndim):

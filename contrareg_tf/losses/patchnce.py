@@ -30,10 +30,10 @@ import numpy as np
 import tensorflow as tf
 
 from .. import ops
-from ..config import PAPER
+from ..config import FOREGROUND_LEVEL, PAPER
 from ..errors import ContraRegInputError
 
-DEFAULT_MASK_THRESHOLD = 0.05   # foreground = intensity > 5% of the [0, 1] range (assumption, not in paper)
+DEFAULT_MASK_THRESHOLD = FOREGROUND_LEVEL   # foreground = intensity > 5% of the [0, 1] range (not in paper)
 _NEG = -1e9                     # logit of an excluded negative (exp → 0 exactly)
 
 

@@ -41,21 +41,17 @@ import numpy as np
 import tensorflow as tf
 
 from ..atomic import atomic_path, write_json
+from ..config import DNS_PAPER
 from ..errors import ContraRegInputError
 from ..ops import clamp_variance, l2_normalize, replicate_pad, shift, check_image as _check
 from .layers import L2Normalize
 
 # DNS paper §4.2 "Implementation" (not in config.PAPER, which holds ContraReg's defaults).
-DNS_WIDTHS = (8, 16, 32, 64)      # assumption (unofficial reproduction)
-DNS_FEAT_CHANNELS = 4             # C_h, assumption
-DNS_DILATION = 2                  # radius of the dilated layout, assumption
-DNS_DESC_CHANNELS = 24            # C_d (paper)
-SQUEEZE_CHANNELS = 24             # h^c channels of the linear squeeze (paper)
-DNS_NUM_SAMPLES = 8196            # N^k (paper)
-DNS_TAU = 0.07                    # τ (paper)
-DNS_LR = 1e-4                     # Adam learning rate (paper)
-DNS_INVERT_PROB = 0.5             # δ (paper)
-DNS_BEZIER_POINTS = 3             # n random control points (paper)
+# defaults: config.DNSConfig (paper values and this reproduction's assumptions, one place)
+DNS_WIDTHS, DNS_FEAT_CHANNELS, DNS_DILATION = DNS_PAPER.widths, DNS_PAPER.feat_channels, DNS_PAPER.dilation
+DNS_DESC_CHANNELS, SQUEEZE_CHANNELS = DNS_PAPER.desc_channels, DNS_PAPER.squeeze_channels
+DNS_NUM_SAMPLES, DNS_TAU, DNS_LR = DNS_PAPER.num_samples, DNS_PAPER.tau, DNS_PAPER.lr
+DNS_INVERT_PROB, DNS_BEZIER_POINTS = DNS_PAPER.invert_prob, DNS_PAPER.bezier_points
 _STRIDE = 8
 _CONFIG_ATTR = "masr_config"
 
