@@ -10,25 +10,13 @@ import numpy as np
 
 from .atomic import write_json
 from .config import LAMBDAS_17, TABLE1_A, Config
+from .data.dataset import resolve as resolve_data  # noqa: F401  (data set of a config)
 from .errors import ContraRegInputError
 
 
 # ------------------------------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------------------------------
-def resolve_data(cfg: Config, data=None, out_dir=None):
-    """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in data of the config's
-    ``data_source`` at its grid (built once in ``out_dir`` or the cache folder ``proxy.build_proxy`` names after
-    its parameters, then reused)."""
-    from .data import dataset, proxy
-
-    if data is not None:
-        return dataset.load_description(data, seed=cfg.seed)
-    return proxy.build_proxy(out_dir, n_subjects=cfg.proxy_subjects,
-                             shape=tuple(cfg.inshape), spacing=cfg.spacing, seed=cfg.seed,
-                             max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape), source=cfg.data_source)
-
-
 def label_meta(desc):
     """``({label: name}, {label: group})`` of a data set: from the built-in data's ``proxy.json``, else
     ``(None, None)`` (labels are then named by their values and not grouped)."""

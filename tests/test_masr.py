@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from contrareg_tf.errors import ContraRegInputError
 from contrareg_tf.networks import masr
+from contrareg_tf.training import masr as tmasr, train_masr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,7 +265,7 @@ def test_bezier_augmentation_stays_in_unit_range():
     x = np.concatenate([np.zeros(10), np.ones(10), rng.random(1000)]).astype(np.float32)
     inverted = 0
     for _ in range(50):
-        y = masr._bezier(x, rng)
+        y = tmasr._bezier(x, rng)
         assert y.dtype == np.float32 and y.min() >= 0.0 and y.max() <= 1.0
         # monotone one-to-one remap (increasing, or decreasing when inverted)
         order = np.argsort(x[20:])
@@ -276,11 +277,28 @@ def test_bezier_augmentation_stays_in_unit_range():
 
 def test_train_masr_validates_input():
     with pytest.raises(ContraRegInputError, match=r"\[0, 1\]"):
-        masr.train_masr([np.full((16, 16), 2.0)], iters=1, progress=False)
+        train_masr([np.full((16, 16), 2.0)], iters=1, progress=False)
     with pytest.raises(ContraRegInputError, match="empty"):
-        masr.train_masr([np.zeros((16, 16))], iters=1, progress=False)
+        train_masr([np.zeros((16, 16))], iters=1, progress=False)
     with pytest.raises(ContraRegInputError, match="divisible by 8"):
-        masr.train_masr([np.random.rand(12, 16)], iters=1, progress=False)
+        train_masr([np.random.rand(12, 16)], iters=1, progress=False)
+
+
+def test_train_masr_resume_is_exact(tmp_path):
+    """On the shared loop: 4 steps straight == 2 steps, then --resume to 4 (same weights, same losses)."""
+    rng = np.random.default_rng(0)
+    imgs = [ndi.gaussian_filter(rng.random((16, 16)), 1).astype(np.float32) for _ in range(3)]
+    imgs = [(x - x.min()) / (x.max() - x.min()) for x in imgs]
+    kw = dict(num_samples=32, seed=5, progress=False, ckpt_every=2, build_kwargs=dict(widths=(4, 4, 8, 8)))
+    m4, h4 = train_masr(imgs, iters=4, out=str(tmp_path / "a.h5"), **kw)
+    _, h2 = train_masr(imgs, iters=2, out=str(tmp_path / "b.h5"), **kw)
+    m_r, h_r = train_masr(imgs, iters=4, out=str(tmp_path / "b.h5"), resume=True, **kw)
+    assert len(h2) == 2 and len(h_r) == 2
+    np.testing.assert_allclose(h2 + h_r, h4, rtol=1e-5)
+    for a, b in zip(m4.get_weights(), m_r.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert json.load(open(tmp_path / "b.json"))["iterations"] == 4
+    assert os.path.isdir(tmp_path / "b_work" / "ckpt")
 
 
 def _load_script():

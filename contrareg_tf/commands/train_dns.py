@@ -18,7 +18,9 @@ import sys
 from contrareg_tf.cli import console
 from contrareg_tf.config import PRESETS, get_preset
 from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf.data import dataset
 from contrareg_tf.networks import masr
+from contrareg_tf.training import train_masr
 
 
 def parse_args(argv=None):
@@ -45,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output weights (.h5); the card goes to <out>.json")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoints in <out>_work/ (written every 100 steps)")
     return p.parse_args(argv)
 
 
@@ -65,17 +69,23 @@ def main(argv=None):
         if not ok:
             raise ContraRegInputError(f"{flag}: invalid value {v}")
     iters = args.iters if args.iters is not None else cfg.iters
-    images, masks, info = masr.load_training_images(args.data, cfg, split=args.split)
+    desc = dataset.resolve(cfg, args.data)
+    images, masks, info = dataset.load_images(desc, split=args.split,
+                                              ndim=len(cfg.inshape) if args.data is None else None)
+    if args.data is None:
+        info["data"] = (f"built-in data {cfg.data_source} ({len(cfg.inshape)}-D {'x'.join(map(str, cfg.inshape))} "
+                        f"@ {cfg.spacing:g} mm, {cfg.proxy_subjects} subjects, seed {cfg.seed}) at {desc.source}")
     cmd = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + list(sys.argv[1:] if argv is None
                                                                              else argv)))
     card = dict(info, preset=cfg.name, command=cmd,
                 augmentation=f"Bezier intensity curve ({masr.DNS_BEZIER_POINTS} random monotone control "
                              f"points), inversion p={masr.DNS_INVERT_PROB}")
     build = dict(widths=args.widths, feat_channels=args.feat_channels, dilation=args.dilation)
-    _, hist = masr.train_masr(images, masks, iters=iters, lr=args.lr, num_samples=args.num_samples,
+    _, hist = train_masr(images, masks, iters=iters, lr=args.lr, num_samples=args.num_samples,
                               tau=args.tau, seed=args.seed, crop=args.crop, build_kwargs=build,
                               progress=not args.no_progress, out=args.out, card=card,
-                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
+                              max_seconds=None if args.max_minutes is None else 60 * args.max_minutes,
+                              resume=args.resume)
     print(f"wrote {args.out} and {args.out[:-3]}.json: {len(hist)} iterations, loss {hist[0]:.4f} -> {hist[-1]:.4f}")
     return 0
 

@@ -4,7 +4,7 @@ inter-subject pair pipelines and augmentation."""
 from .io import (Volume, CropInfo, load_nifti, save_nifti, check_same_shape, check_nonempty_mask,  # noqa: F401
                  normalize_intensity, crop_or_pad, uncrop, foreground_mask)
 from .dataset import (Subject, Description, load_description, write_description, split_counts,  # noqa: F401
-                      assign_splits, SPLITS)
+                      assign_splits, SPLITS, resolve, load_images)
 from .proxy import (build_proxy, default_cache_dir, describe_proxy, dice_before, dice_ceiling,  # noqa: F401
                     true_pair_warp, integrate_svf, random_svf, proxy_dir, nilearn_data_dir, LABEL_NAMES,
                     SOURCES, template, label_info, plot_montage, augment_contrast)

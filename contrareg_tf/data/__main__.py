@@ -26,7 +26,7 @@ def main(argv=None):
     import warnings
 
     from ..config import get_preset
-    from ..experiment import resolve_data
+    from .dataset import resolve as resolve_data
     from . import proxy
 
     cfg = get_preset(a.preset)

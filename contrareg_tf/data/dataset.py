@@ -231,3 +231,51 @@ def write_description(csv_path, records, relative: bool = True) -> str:
                 row.append(rel(v) if v and k.startswith(("warp", "file_")) else v)
             w.writerow(row)
     return csv_path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a config's data set, single images
+# ------------------------------------------------------------------------------------------------------------
+def resolve(cfg, data=None, out_dir=None) -> Description:
+    """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in data of the config's
+    ``data_source`` at its grid (built once in ``out_dir`` or the cache folder ``proxy.build_proxy`` names after
+    its parameters, then reused)."""
+    if data is not None:
+        return load_description(data, seed=cfg.seed)
+    from .proxy import build_proxy
+
+    return build_proxy(out_dir, n_subjects=cfg.proxy_subjects, shape=tuple(cfg.inshape), spacing=cfg.spacing,
+                       seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape), source=cfg.data_source)
+
+
+def load_images(desc: Description, split: str = "train", ndim: Optional[int] = None, multiple: int = 8):
+    """Both the T1w and the T2w image of every subject of ``split`` (all subjects if the split is empty), each
+    with its foreground mask, for single-image training (MASR-Net). Images outside [0, 1] are mapped by robust
+    percentiles; masks come from the mask column or ``io.foreground_mask``; sizes not divisible by ``multiple``
+    are zero-padded up. Returns (images, masks, info dict)."""
+    from .io import crop_or_pad, foreground_mask, load_nifti, normalize_intensity
+
+    subjects = desc.split(split) or desc.split("all")
+    images, masks = [], []
+    for s in subjects:
+        m = load_nifti(s.mask, ndim=ndim).data > 0 if s.mask else None
+        for key in ("t1", "t2"):
+            vol = load_nifti(getattr(s, key), ndim=ndim)
+            x = vol.data
+            if x.min() < 0 or x.max() > 1:
+                x = normalize_intensity(x, mask=m)
+            mk = m if m is not None else foreground_mask(x, require_nonempty=True, name=vol.path)
+            if mk.shape != x.shape:
+                raise ContraRegInputError(f"{s.mask}: mask shape {mk.shape} != image shape {x.shape} "
+                                          f"({vol.path})")
+            target = [-(-n // multiple) * multiple for n in x.shape]
+            if list(x.shape) != target:
+                x, _ = crop_or_pad(x, target)
+                mk, _ = crop_or_pad(mk.astype(np.uint8), target)
+            images.append(np.asarray(x, np.float32))
+            masks.append(np.asarray(mk) > 0)
+    if not images:
+        raise ContraRegInputError(f"{desc.source}: no subjects to train on")
+    info = dict(data=str(desc.source), split=split if desc.split(split) else "all", n_subjects=len(subjects),
+                n_images=len(images), modalities=["t1", "t2"])
+    return images, masks, info

@@ -5,3 +5,5 @@ from .autoencoder import (build_autoencoder, feature_channels, feature_strides, 
 from .heads import ProjectionHead, build_heads  # noqa: F401
 from .hyper import FiLMVxmDense, build_hyper_vxm, load_registration_weights, register, warp  # noqa: F401
 from .layers import FiLM, L2Normalize  # noqa: F401
+from .masr import BlurPool, DNSLayer, LinearUpsample, build_masr, dns_features, load_masr, save_masr  # noqa: F401
+from .weights import check_weights_file, load_weights  # noqa: F401

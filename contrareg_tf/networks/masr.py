@@ -1,5 +1,5 @@
 """MASR-Net and the Deep Neighbourhood Self-similarity (DNS) descriptor (DNS paper, Mok et al., CVPR
-2024, §3.2–3.3), plus its anatomy-aware contrastive training (``train_masr``).
+2024, §3.2–3.3). Its anatomy-aware contrastive training is ``training/masr.py`` (``train_masr``).
 
 Architecture (``build_masr``), image (B, *vol, 1) → descriptor D (B, *vol, C_d), 2-D and 3-D:
 
@@ -27,14 +27,13 @@ Documented conventions:
   skipping same-axis pairs (see ``layout_pairs``). DNS map channel index = c · P + p (channel-major).
 * Spatial sizes must be divisible by 8 (three BlurPool levels).
 
-Training (§3.3, ``train_masr``): an augmented copy I' = B(I) or B(1 − I) (stochastic monotone Bézier
+Training (§3.3, ``training.train_masr``): an augmented copy I' = B(I) or B(1 − I) (stochastic monotone Bézier
 curve with 3 random control points, inversion with p = 0.5; ``data.augment.bezier_intensity``), N = 8196
 foreground locations sampled per step, InfoNCE (Eq. 4) between D(I) and D(I') at those locations with
 τ = 0.07 (``contrastive_loss``), Adam 1e-4, batch 1; T1w and T2w images both serve as training images.
 """
 import itertools
 import os
-import time
 import types
 
 import numpy as np
@@ -315,181 +314,3 @@ def load_masr(path, ndim=None, **build_kwargs):
             raise ContraRegInputError(f"{path}: no stored MASR-Net config; pass ndim (and build arguments)")
         build = masr_config(ndim, **build_kwargs)
     return load_weights(build_masr(**build), path)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# training (§3.3)
-# --------------------------------------------------------------------------------------------------------------
-def _bezier(x, rng):
-    from ..data.augment import bezier_intensity
-
-    return np.clip(np.asarray(bezier_intensity(x, rng, n_ctrl=DNS_BEZIER_POINTS,
-                                               invert_prob=DNS_INVERT_PROB), np.float32), 0.0, 1.0)
-
-
-def _random_crop(img, mask, crop, rng):
-    if crop is None:
-        return img, mask
-    crop = tuple(int(c) for c in crop)
-    if len(crop) != img.ndim or any(c > s for c, s in zip(crop, img.shape)):
-        raise ContraRegInputError(f"crop {crop} does not fit image shape {img.shape}")
-    fg = np.argwhere(mask)                                 # centre the crop on a random foreground voxel
-    centre = fg[int(rng.integers(len(fg)))] if len(fg) else np.array(img.shape) // 2
-    start = [int(np.clip(int(p) - c // 2 + int(rng.integers(-(c // 4), c // 4 + 1)), 0, s - c))
-             for p, s, c in zip(centre, img.shape, crop)]
-    sl = tuple(slice(a, a + c) for a, c in zip(start, crop))
-    return img[sl], mask[sl]
-
-
-def load_training_images(data=None, cfg=None, split="train"):
-    """Training images for ``train_masr``: both the T1w and the T2w image of every subject of ``split``
-    (falling back to all subjects if the split is empty) with their foreground masks.
-
-    data: None → the built-in proxy for preset ``cfg`` (``cfg.inshape``, ``cfg.spacing``,
-    ``cfg.proxy_subjects``, ``cfg.proxy_max_disp``, proxy seed ``cfg.seed``; cached), or a data-set CSV /
-    folder (``data.dataset.load_description``). Images outside [0, 1] are mapped by robust percentiles;
-    masks come from the mask column or ``foreground_mask``; sizes not divisible by 8 are zero-padded up.
-    Returns (images, masks, info dict)."""
-    from ..config import PAPER
-    from ..data.io import crop_or_pad, foreground_mask, load_nifti, normalize_intensity
-
-    cfg = cfg or PAPER
-    if data is None:
-        from ..data.proxy import build_proxy
-
-        ndim = len(cfg.inshape)
-        desc = build_proxy(n_subjects=cfg.proxy_subjects, shape=cfg.inshape, spacing=cfg.spacing,
-                           seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=ndim, source=cfg.data_source)
-        source = (f"built-in data {cfg.data_source} ({ndim}-D {'x'.join(map(str, cfg.inshape))} @ {cfg.spacing:g} mm, "
-                  f"{cfg.proxy_subjects} subjects, seed {cfg.seed}) at {desc.source}")
-    else:
-        from ..data.dataset import load_description
-
-        desc = load_description(data)
-        source = os.fspath(data)
-        ndim = None
-    subjects = desc.split(split) or desc.split("all")
-    images, masks = [], []
-    for s in subjects:
-        m = load_nifti(s.mask, ndim=ndim).data > 0 if s.mask else None
-        for key in ("t1", "t2"):
-            vol = load_nifti(getattr(s, key), ndim=ndim)
-            x = vol.data
-            if x.min() < 0 or x.max() > 1:
-                x = normalize_intensity(x, mask=m)
-            mk = m if m is not None else foreground_mask(x, require_nonempty=True, name=vol.path)
-            if mk.shape != x.shape:
-                raise ContraRegInputError(f"{s.mask}: mask shape {mk.shape} != image shape {x.shape} "
-                                          f"({vol.path})")
-            target = [-(-n // _STRIDE) * _STRIDE for n in x.shape]
-            if list(x.shape) != target:
-                x, _ = crop_or_pad(x, target)
-                mk, _ = crop_or_pad(mk.astype(np.uint8), target)
-            images.append(np.asarray(x, np.float32))
-            masks.append(np.asarray(mk) > 0)
-    if not images:
-        raise ContraRegInputError(f"{source}: no subjects to train on")
-    info = dict(data=source, split=split if desc.split(split) else "all", n_subjects=len(subjects),
-                n_images=len(images), modalities=["t1", "t2"])
-    return images, masks, info
-
-
-def _loss_curve(history, n_blocks=10):
-    """Mean loss of ``n_blocks`` consecutive blocks of steps: [[first step, last step, mean], ...]."""
-    if not history:
-        return []
-    edges = np.unique(np.linspace(0, len(history), n_blocks + 1).astype(int))
-    return [[int(a), int(b - 1), round(float(np.mean(history[a:b])), 4)] for a, b in zip(edges[:-1], edges[1:])]
-
-
-def train_masr(images, masks=None, iters=100, lr=DNS_LR, num_samples=DNS_NUM_SAMPLES, tau=DNS_TAU, seed=0,
-               crop=None, model=None, build_kwargs=None, progress=True, out=None, card=None, max_seconds=None):
-    """Anatomy-aware contrastive training of MASR-Net on single images (§3.3).
-
-    images: list of (*vol,) float arrays in [0, 1] (T1w and T2w alike); masks: matching foreground masks
-    (default: image > 0). Each step: one random image (optionally a random ``crop``), its Bézier-augmented
-    copy, ``num_samples`` foreground locations (without replacement; all of them if fewer), InfoNCE at τ.
-    ``max_seconds``: stop early after this much wall time (the card records the steps done).
-    Returns (model, history) with history = list of per-step losses. ``out`` (.h5): weights + JSON card."""
-    if not images:
-        raise ContraRegInputError("train_masr: no training images")
-    images = [np.asarray(im, np.float32) for im in images]
-    ndim = images[0].ndim
-    if ndim not in (2, 3) or any(im.ndim != ndim for im in images):
-        raise ContraRegInputError(f"train_masr: images must all be 2-D or all 3-D, got "
-                                  f"{sorted({im.ndim for im in images})}-D")
-    for i, im in enumerate(images):
-        if not np.isfinite(im).all():
-            raise ContraRegInputError(f"train_masr: image {i} contains NaN/Inf")
-        if im.min() < 0 or im.max() > 1:
-            raise ContraRegInputError(f"train_masr: image {i} intensities must lie in [0, 1] "
-                                      f"(got [{im.min():.3g}, {im.max():.3g}])")
-    masks = [im > 0 for im in images] if masks is None else [np.asarray(m) > 0 for m in masks]
-    if len(masks) != len(images):
-        raise ContraRegInputError(f"train_masr: {len(images)} images but {len(masks)} masks")
-    for i, (im, m) in enumerate(zip(images, masks)):
-        if m.shape != im.shape:
-            raise ContraRegInputError(f"train_masr: mask {i} shape {m.shape} != image shape {im.shape}")
-        if not m.any():
-            raise ContraRegInputError(f"train_masr: mask {i} is empty")
-    for im in images:
-        check_image(im[None, ..., None] if crop is None else np.zeros((1,) + tuple(crop) + (1,), np.float32),
-                    ndim, name="training image" if crop is None else "crop")
-
-    tf.random.set_seed(seed)
-    model = model if model is not None else build_masr(ndim, **(build_kwargs or {}))
-    opt = tf.keras.optimizers.Adam(lr)
-
-    img_spec = tf.TensorSpec((1,) + (None,) * ndim + (1,), tf.float32)
-
-    @tf.function(input_signature=[img_spec, img_spec, tf.TensorSpec((None,), tf.int32)])
-    def step(x, x_aug, idx):
-        with tf.GradientTape() as tape:
-            d = model(tf.concat([x, x_aug], axis=0), training=True)
-            c = tf.shape(d)[-1]
-            flat = tf.reshape(d, [2, -1, c])
-            loss = contrastive_loss(tf.gather(flat[0], idx), tf.gather(flat[1], idx), tau)
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        return loss
-
-    rng = np.random.default_rng(seed)
-    history = []
-    bar = range(iters)
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(bar, desc="MASR-Net", unit="it", dynamic_ncols=True)
-    t0 = time.time()
-    for it in bar:
-        k = int(rng.integers(len(images)))
-        img, m = _random_crop(images[k], masks[k], crop, rng)
-        if not m.any():
-            m = np.ones_like(m)
-        aug = _bezier(img, rng)
-        fg = np.flatnonzero(m.ravel())
-        idx = rng.choice(fg, size=min(num_samples, fg.size), replace=False).astype(np.int32)
-        loss = float(step(tf.constant(img[None, ..., None]), tf.constant(aug[None, ..., None]),
-                          tf.constant(idx)))
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"train_masr: loss became {loss} at step {it}")
-        history.append(loss)
-        if progress:
-            bar.set_postfix(loss=f"{loss:.4f}")
-        if max_seconds is not None and time.time() - t0 > max_seconds:
-            break
-    elapsed = time.time() - t0
-    if out is not None:
-        tail = history[-min(len(history), 20):]
-        info = dict(model=get_config(model), iterations=len(history), iterations_requested=int(iters),
-                    max_seconds=max_seconds, lr=float(lr), num_samples=int(num_samples),
-                    tau=float(tau), seed=int(seed), crop=list(crop) if crop is not None else None,
-                    n_images=len(images), image_shape=list(images[0].shape),
-                    final_loss=history[-1] if history else None,
-                    final_loss_mean_last20=float(np.mean(tail)) if tail else None,
-                    first_loss=history[0] if history else None,
-                    loss_curve=_loss_curve(history),
-                    train_seconds=round(elapsed, 1), tensorflow=tf.__version__)
-        info.update(card or {})
-        save_masr(model, out, card=info)
-    return model, history

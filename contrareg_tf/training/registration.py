@@ -1,0 +1,188 @@
+"""Training of the λ-conditioned registration network (paper §2–3): inter-subject T1w/T2w pairs, λ ~ U[0, 1]
+per sample, α(1−λ)·L_sim + λ·L_reg with the similarity of ``losses.similarity.build_similarity``.
+Outputs a run folder (``runs.py``)."""
+import dataclasses
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from ..atomic import write_json
+from ..config import Config
+from ..errors import ContraRegInputError
+from ..runs import data_spacing, save_trained
+from .loop import _per_replica_mean, _reduce_terms, _rng, get_strategy, run_loop, set_mixed_precision
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pairs
+# --------------------------------------------------------------------------------------------------------------
+class PairSampler:
+    """Inter-subject pairs (I1 = T1w of subject a, I2 = T2w of subject b ≠ a), λ ~ U[0,1] per sample and,
+    for ExtNegs, a third subject c's T1w/T2w. ``batch(step)`` is a pure function of (seed, step)."""
+
+    def __init__(self, t1, t2, mask1=None, mask2=None, batch_size=1, seed=0, ext=False):
+        t1, t2 = np.asarray(t1, np.float32), np.asarray(t2, np.float32)
+        if t1.shape != t2.shape:
+            raise ContraRegInputError(f"T1w stack {t1.shape} and T2w stack {t2.shape} differ in shape")
+        n = t1.shape[0]
+        if n < (3 if ext else 2):
+            raise ContraRegInputError(f"need at least {3 if ext else 2} subjects for inter-subject pairs, got {n}")
+        self.t1, self.t2 = t1[..., None], t2[..., None]
+        self.m1 = (np.asarray(mask1, np.float32) if mask1 is not None else (t1 > 0).astype(np.float32))[..., None]
+        self.m2 = (np.asarray(mask2, np.float32) if mask2 is not None else (t2 > 0).astype(np.float32))[..., None]
+        self.n, self.batch_size, self.seed, self.ext = n, batch_size, seed, ext
+
+    def batch(self, step):
+        rng = _rng(self.seed, step, 0)
+        a = rng.integers(0, self.n, self.batch_size)
+        b = (a + rng.integers(1, self.n, self.batch_size)) % self.n          # b != a
+        out = {"img1": self.t1[a], "img2": self.t2[b], "mask1": self.m1[a], "mask2": self.m2[b],
+               "lam": rng.uniform(0.0, 1.0, (self.batch_size, 1)).astype(np.float32)}
+        if self.ext:
+            c = rng.integers(0, self.n, self.batch_size)
+            for i in range(self.batch_size):
+                while c[i] == a[i] or c[i] == b[i]:
+                    c[i] = (c[i] + 1) % self.n
+            out["ext1"], out["ext2"] = self.t1[c], self.t2[c]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# λ-conditioned registration (paper §2)
+# --------------------------------------------------------------------------------------------------------------
+def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditioning="film", dns_model=None,
+                     rng=None):
+    """Model, head sets and the bidirectional similarity for ``loss_name`` (call inside a strategy scope).
+    ``rng``: a ``tf.random.Generator`` for the PatchNCE locations (checkpointed, so resume is exact)."""
+    from ..losses.similarity import LossSpec, build_similarity
+    from ..networks import autoencoder as ae_mod
+    from ..networks.heads import build_heads
+    from ..networks.hyper import build_hyper_vxm
+
+    ndim = len(cfg.inshape)
+    model = build_hyper_vxm(cfg, conditioning=conditioning)
+    heads1 = heads2 = None
+    if LossSpec.parse(loss_name).contrastive:
+        aes = []
+        for k, src in enumerate((ae1, ae2)):
+            if rand_ae:
+                a = ae_mod.random_autoencoder(ndim, seed=cfg.seed + k, filters=cfg.ae_filters)
+            elif isinstance(src, (str, os.PathLike)):
+                a = ae_mod.load_autoencoder(src, ndim, filters=cfg.ae_filters)
+            elif src is None:
+                raise ContraRegInputError(f"loss {loss_name!r} needs --ae1/--ae2 autoencoder weights or --rand-ae")
+            else:
+                a = src
+            aes.append(ae_mod.freeze(a))
+        ae1, ae2 = aes
+        chans = ae_mod.feature_channels(cfg.ae_filters, cfg.ae_nb_feature_layers)
+        heads1 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads1")
+        heads2 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads2")
+    sim = build_similarity(loss_name, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=rng)
+    return model, heads1, heads2, sim
+
+
+def _training_model(model):
+    r = model.references
+    return tf.keras.Model(model.inputs, [r.y_source, r.y_target, r.preint_flow, r.pos_flow, r.neg_flow])
+
+
+def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, jit=False):
+    """One Adam step on α(1−λ)·L_sim + λ·L_reg (+ FiLM weight decay), per-sample λ; ``sim`` (a
+    ``BidirSimilarity``) takes what it needs from the batch (masks, ExtNegs images)."""
+    from ..losses.objective import hyper_loss
+
+    train_model = _training_model(model)
+    variables = model.trainable_variables + sim.trainable_variables
+
+    def replica_step(b):
+        with tf.GradientTape() as tape:
+            # source = I2 (T2w, subject b), target = I1 (T1w, subject a)
+            moved2, moved1, v, pos, neg = train_model([b["img2"], b["img1"], b["lam"]], training=True)
+            terms = sim.training_terms(b, moved2, moved1, pos, neg)
+            l_reg = reg(v)
+            per_sample = hyper_loss(b["lam"], terms["sim"], l_reg, alpha=alpha, reduce=False)
+            loss = _per_replica_mean(strategy, per_sample, global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients([(g, w) for g, w in zip(grads, variables) if g is not None])
+        out = {"loss": loss, "sim": _per_replica_mean(strategy, terms["sim"], global_batch),
+               "reg": _per_replica_mean(strategy, l_reg, global_batch)}
+        return out
+
+    @tf.function(jit_compile=jit or None)
+    def step(batch):
+        return _reduce_terms(strategy, strategy.run(replica_step, args=(batch,)))
+
+    return step
+
+
+def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
+    """Train the λ-conditioned network (paper §2–3) on ``train_arrays`` = dict with stacks ``t1``, ``t2``
+    (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
+    heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
+    rand_ae, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model, progress,
+    reg_penalty, command. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused)."""
+    from ..lock import out_dir_lock
+
+    with out_dir_lock(out_dir, kwargs.get("command")):
+        return _train_hyper(cfg, loss_name, out_dir, train_arrays, **kwargs)
+
+
+def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
+                 lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
+                 mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
+                 command=None):
+    from ..losses.objective import velocity_regulariser
+    from ..losses.similarity import LossSpec
+
+    iters = int(cfg.iters if iters is None else iters)
+    lr = float(lr or cfg.lr)
+    batch_size = int(batch_size or cfg.batch_size)
+    os.makedirs(out_dir, exist_ok=True)
+    if tuple(train_arrays["t1"].shape[1:]) != tuple(cfg.inshape):
+        raise ContraRegInputError(f"training images have shape {tuple(train_arrays['t1'].shape[1:])} but the "
+                                  f"config expects {tuple(cfg.inshape)}")
+    set_mixed_precision(mixed_precision)
+    strat = get_strategy(strategy)
+    spec = LossSpec.parse(loss_name)
+    tf.keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed (exact resume / re-runs)
+    with strat.scope():
+        rng = tf.random.Generator.from_seed(cfg.seed)
+        model, heads1, heads2, sim = build_components(cfg, loss_name, ae1, ae2, rand_ae, conditioning, dns_model,
+                                                      rng=rng)
+        optimizer = tf.keras.optimizers.Adam(lr)
+        optimizer.build(model.trainable_variables + sim.trainable_variables)
+        step_var = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
+        objs = {"model": model, "optimizer": optimizer, "step": step_var, "rng": rng}
+        if heads1 is not None:
+            objs.update({f"heads1_{k}": h for k, h in enumerate(heads1)})
+            objs.update({f"heads2_{k}": h for k, h in enumerate(heads2)})
+        ckpt = tf.train.Checkpoint(**objs)
+        reg = velocity_regulariser(reg_penalty or cfg.reg_penalty)
+        step = make_train_step(model, sim, reg, spec.alpha(cfg), optimizer, strat,
+                               global_batch=batch_size, jit=xla)
+    meta = {"config": dataclasses.asdict(cfg), "loss": loss_name, "conditioning": conditioning,
+            "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
+            "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
+            "batch_size": batch_size, "reg_penalty": reg_penalty or cfg.reg_penalty, "command": command}
+    spacing = data_spacing(train_arrays, len(cfg.inshape))
+    if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
+        meta["data_spacing"] = spacing
+    write_json(os.path.join(out_dir, "config.json"), meta)
+    sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
+                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext)
+
+    t0 = time.time()
+    history = run_loop(step, sampler.batch, ckpt, out_dir, iters, cfg.ckpt_every, strat, resume, progress,
+                       desc=f"train {loss_name}")
+    elapsed = time.time() - t0
+    save_trained(out_dir, model, heads1, heads2)
+    card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
+                final=history[-1] if history else None,
+                sec_per_step=round(elapsed / max(1, len(history)), 4))
+    write_json(os.path.join(out_dir, "card.json"), card)
+    return history
