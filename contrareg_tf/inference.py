@@ -161,8 +161,7 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
     import os
 
     from . import metrics
-    from .data.io import check_output_paths, label_dtype, save_nifti
-    from .data.itk import save_itk_displacement
+    from .data.io import check_output_paths
     from .data.physical import load_pair
     from .runs import load_trained, read_run
 
@@ -192,17 +191,111 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
         res.inverse_warp = pair.total_inverse_warp(warp_from_window(inv, win, shape_c))
     if moving_labels is not None:
         res.moved_labels = pair.moved_labels(warp)
-    # ---- write (every check above has passed)
-    save_nifti(moved_out, res.moved, like=pair.fixed)
+    write_outputs(pair, res, moved_out, warp_out, inverse_warp_out, moved_labels_out, itk_warp_out)
+    warn_if_folding(folds, "too small a λ for this pair (use --max-folds, or a larger --lambda)")
+    return res
+
+
+def write_outputs(pair, res: RegistrationResult, moved_out=None, warp_out=None, inverse_warp_out=None,
+                  moved_labels_out=None, itk_warp_out=None):
+    """Write a result on the fixed image's own grid, affine and header (call after every check has passed)."""
+    from .data.io import label_dtype, save_nifti
+    from .data.itk import save_itk_displacement
+
+    if moved_out:
+        save_nifti(moved_out, res.moved, like=pair.fixed)
     if warp_out:
-        save_nifti(warp_out, warp.astype(np.float32), like=pair.fixed)
+        save_nifti(warp_out, res.warp.astype(np.float32), like=pair.fixed)
     if inverse_warp_out:
         save_nifti(inverse_warp_out, res.inverse_warp.astype(np.float32), like=pair.fixed)
     if moved_labels_out:
         save_nifti(moved_labels_out, res.moved_labels, like=pair.fixed, dtype=label_dtype(pair.moving_labels))
     if itk_warp_out:
-        save_itk_displacement(itk_warp_out, warp, pair.fixed)
-    warn_if_folding(folds, "too small a λ for this pair (use --max-folds, or a larger --lambda)")
+        save_itk_displacement(itk_warp_out, res.warp, pair.fixed)
+
+
+@dataclass
+class IOFileResult(RegistrationResult):
+    """``instance_opt_files``' result: the registration plus the optimiser's report and, with fixed labels,
+    mean Dice before / after the affine (``None`` without ``--affine ants``) / after."""
+    io: object = None                     # instance_opt.IOResult
+    sdlogj: float = float("nan")
+    dice_before: Optional[float] = None
+    dice_affine: Optional[float] = None
+    dice_after: Optional[float] = None
+
+
+def instance_opt_files(fixed, moving, features="mindssc", moved_out=None, warp_out=None, inverse_warp_out=None,
+                       moving_labels=None, moved_labels_out=None, fixed_labels=None, itk_warp_out=None,
+                       affine="none", normalize=True, dns_model=None, ae1=None, ae2=None, moving_modality="t1",
+                       diffeomorphic=False, progress=True, **schedule) -> IOFileResult:
+    """File-level instance optimisation (``eval_scripts/instance_opt.py``): validate every argument, input and
+    output path, load the pair in physical space, optimise on the canonical fixed grid, then write.
+    ``schedule``: ``levels``, ``lrs``, ``iters``, ``reg_weights``, ``smooth_sigma``, ``int_steps``
+    (``instance_opt.instance_optimise``; defaults ``config.IO_PAPER``)."""
+    import os
+
+    from . import metrics
+    from .config import IO_PAPER
+    from .data.io import check_output_paths, normalize_intensity
+    from .data.physical import load_pair
+    from .instance_opt import check_schedule, instance_optimise
+
+    sched = dict(levels=IO_PAPER.levels, lrs=list(IO_PAPER.lrs), iters=list(IO_PAPER.iters),
+                 reg_weights=list(IO_PAPER.reg_weights), smooth_sigma=IO_PAPER.smooth_sigma, int_steps=7)
+    unknown = set(schedule) - set(sched)
+    if unknown:
+        raise ContraRegInputError(f"unknown schedule arguments {sorted(unknown)}")
+    sched.update(schedule)
+    if moved_labels_out and not moving_labels:
+        raise ContraRegInputError("--moved-labels needs --moving-labels")
+    if fixed_labels and not moving_labels:
+        raise ContraRegInputError("--fixed-labels (Dice) needs --moving-labels")
+    if inverse_warp_out and not diffeomorphic:
+        raise ContraRegInputError("--inverse-warp needs --diffeomorphic")
+    inputs = {"--fixed": fixed, "--moving": moving, "--moving-labels": moving_labels,
+              "--fixed-labels": fixed_labels, "--dns-model": dns_model, "--ae1": ae1, "--ae2": ae2}
+    check_output_paths({"--moved": moved_out, "--warp": warp_out, "--inverse-warp": inverse_warp_out,
+                        "--moved-labels": moved_labels_out, "--itk-warp": itk_warp_out}, inputs)
+    check_schedule(sched["levels"], sched["lrs"], sched["iters"], sched["reg_weights"], sched["smooth_sigma"],
+                   sched["int_steps"])
+    needed = {"dns": [("--dns-model", dns_model)] if dns_model is not None else [],
+              "ae": [("--ae1", ae1), ("--ae2", ae2)]}.get(features, [])
+    for arg, path in needed:
+        if path is None or not os.path.isfile(path):
+            raise ContraRegInputError(f"{arg} {path}: file not found")
+    pair = load_pair(fixed, moving, moving_labels=moving_labels, fixed_labels=fixed_labels, affine=affine)
+    if itk_warp_out and pair.ndim != 3:
+        raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
+    fx, mv = pair.fixed_c, pair.moving_c
+    if normalize:
+        fx, mv = normalize_intensity(fx), normalize_intensity(mv)
+    kw = {}
+    if features == "dns" and dns_model is not None:
+        kw["dns_model"] = dns_model
+    if features == "ae":
+        kw.update(ae_models=(ae1, ae2), moving_modality=moving_modality)
+    io = instance_optimise(fx[None, ..., None], mv[None, ..., None], features=features,
+                           diffeomorphic=diffeomorphic, progress=progress, **sched, **kw)
+    warp = pair.total_warp(io.disp[0])
+    jac = metrics.jacobian_determinant(warp)
+    res = IOFileResult(moved=pair.moved(warp), warp=warp, inverse_warp=None, lam=float("nan"),
+                       folds=float(metrics.folding_fraction(jac)), io=io, sdlogj=float(metrics.std_log_jacobian(jac)))
+    if inverse_warp_out:
+        res.inverse_warp = pair.total_inverse_warp(io.inverse[0])
+    if pair.moving_labels is not None:
+        res.moved_labels = pair.moved_labels(warp)
+    if pair.fixed_labels is not None:
+        flab = pair.fixed_labels.data
+        no_warp = np.zeros(pair.fixed.shape + (pair.ndim,), np.float32)  # world-space identity
+        res.dice_before = float(metrics.mean_dice(flab, pair.moved_labels(no_warp)))
+        if affine == "ants":
+            res.dice_affine = float(metrics.mean_dice(flab, pair.moved_labels(pair.total_warp(None))))
+        res.dice_after = float(metrics.mean_dice(flab, res.moved_labels))
+    write_outputs(pair, res, moved_out, warp_out, inverse_warp_out, moved_labels_out, itk_warp_out)
+    warn_if_folding(res.folds, f"too high a learning rate (--lrs {','.join(f'{v:g}' for v in sched['lrs'])}) or "
+                               f"too low a regularisation weight (--reg-weights "
+                               f"{','.join(f'{v:g}' for v in sched['reg_weights'])})")
     return res
 
 

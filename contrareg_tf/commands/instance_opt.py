@@ -18,10 +18,8 @@ checked before anything is computed or written (an output may not name an input 
 folding > 20 % of the voxels is written with a ``warning:`` naming the likely cause.
 """
 import argparse
-import os
 
 from contrareg_tf.cli import add_pair_outputs, console
-from contrareg_tf.errors import ContraRegInputError
 from contrareg_tf.instance_opt import (IO_ITERS, IO_LEVELS, IO_LRS, IO_REG_WEIGHTS,
                                        IO_SMOOTH_SIGMA)
 
@@ -62,83 +60,22 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def _check_file(path, arg):
-    if path is None or not os.path.isfile(path):
-        raise ContraRegInputError(f"{arg} {path}: file not found")
-
-
 def main(argv=None):
     a = parse(argv)
-    import numpy as np
+    from contrareg_tf.inference import instance_opt_files
 
-    from contrareg_tf import metrics
-    from contrareg_tf.data.io import check_output_paths, label_dtype, normalize_intensity, save_nifti
-    from contrareg_tf.data.itk import save_itk_displacement
-    from contrareg_tf.data.physical import load_pair
-    from contrareg_tf.inference import warn_if_folding
-    from contrareg_tf.instance_opt import check_schedule, instance_optimise
-
-    # ---- validate everything before anything is computed or written
-    if a.moved_labels and not a.moving_labels:
-        raise ContraRegInputError("--moved-labels needs --moving-labels")
-    if a.fixed_labels and not a.moving_labels:
-        raise ContraRegInputError("--fixed-labels (Dice) needs --moving-labels")
-    if a.inverse_warp and not a.diffeomorphic:
-        raise ContraRegInputError("--inverse-warp needs --diffeomorphic")
-    inputs = {"--fixed": a.fixed, "--moving": a.moving, "--moving-labels": a.moving_labels,
-              "--fixed-labels": a.fixed_labels, "--dns-model": a.dns_model, "--ae1": a.ae1, "--ae2": a.ae2}
-    check_output_paths({"--moved": a.moved, "--warp": a.warp, "--inverse-warp": a.inverse_warp,
-                        "--moved-labels": a.moved_labels, "--itk-warp": a.itk_warp}, inputs)
-    check_schedule(a.levels, a.lrs, a.iters, a.reg_weights, a.smooth_sigma, a.int_steps)
-    if a.features == "dns" and a.dns_model is not None:
-        _check_file(a.dns_model, "--dns-model")
-    if a.features == "ae":
-        _check_file(a.ae1, "--ae1")
-        _check_file(a.ae2, "--ae2")
-    pair = load_pair(a.fixed, a.moving, moving_labels=a.moving_labels, fixed_labels=a.fixed_labels,
-                     affine=a.affine)
-    if a.itk_warp and pair.ndim != 3:
-        raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
-    fx, mv = pair.fixed_c, pair.moving_c
-    if not a.no_normalize:
-        fx, mv = normalize_intensity(fx), normalize_intensity(mv)
-    kw = {}
-    if a.features == "dns" and a.dns_model is not None:
-        kw["dns_model"] = a.dns_model
-    if a.features == "ae":
-        kw.update(ae_models=(a.ae1, a.ae2), moving_modality=a.moving_modality)
-
-    # ---- register (on the canonical fixed grid)
-    res = instance_optimise(fx[None, ..., None], mv[None, ..., None], features=a.features, levels=a.levels,
-                            lrs=a.lrs, iters=a.iters, reg_weights=a.reg_weights, smooth_sigma=a.smooth_sigma,
-                            diffeomorphic=a.diffeomorphic, int_steps=a.int_steps, progress=not a.quiet, **kw)
-    u = pair.total_warp(res.disp[0])
-    jac = metrics.jacobian_determinant(u)
-    folds = metrics.folding_fraction(jac)
-    print(f"features {a.features}: {res.seconds:.1f} s, similarity {float(res.final_similarity[0]):.4f}, "
-          f"folds {folds:.3f} %, std log|J| {metrics.std_log_jacobian(jac):.3f}")
-    moved_lab = pair.moved_labels(u) if pair.moving_labels is not None else None
-
-    # ---- write outputs (fixed grid, affine and header)
-    if a.moved:
-        save_nifti(a.moved, pair.moved(u), like=pair.fixed)
-    if a.warp:
-        save_nifti(a.warp, u, like=pair.fixed)
-    if a.inverse_warp:
-        save_nifti(a.inverse_warp, pair.total_inverse_warp(res.inverse[0]), like=pair.fixed)
-    if a.moved_labels:
-        save_nifti(a.moved_labels, moved_lab, like=pair.fixed, dtype=label_dtype(pair.moving_labels))
-    if a.itk_warp:
-        save_itk_displacement(a.itk_warp, u, pair.fixed)
-    if pair.fixed_labels is not None:
-        flab = pair.fixed_labels.data
-        no_warp = np.zeros(pair.fixed.shape + (pair.ndim,), np.float32)  # world-space identity
-        before = metrics.mean_dice(flab, pair.moved_labels(no_warp))
-        aligned = f"  after affine {metrics.mean_dice(flab, pair.moved_labels(pair.total_warp(None))):.4f}" \
-            if a.affine == "ants" else ""
-        print(f"Dice before {before:.4f}{aligned}  after {metrics.mean_dice(flab, moved_lab):.4f}")
-    warn_if_folding(folds, f"too high a learning rate (--lrs {','.join(f'{v:g}' for v in a.lrs)}) or too low a "
-                           f"regularisation weight (--reg-weights {','.join(f'{v:g}' for v in a.reg_weights)})")
+    res = instance_opt_files(
+        a.fixed, a.moving, features=a.features, moved_out=a.moved, warp_out=a.warp,
+        inverse_warp_out=a.inverse_warp, moving_labels=a.moving_labels, moved_labels_out=a.moved_labels,
+        fixed_labels=a.fixed_labels, itk_warp_out=a.itk_warp, affine=a.affine, normalize=not a.no_normalize,
+        dns_model=a.dns_model, ae1=a.ae1, ae2=a.ae2, moving_modality=a.moving_modality,
+        diffeomorphic=a.diffeomorphic, progress=not a.quiet, levels=a.levels, lrs=a.lrs, iters=a.iters,
+        reg_weights=a.reg_weights, smooth_sigma=a.smooth_sigma, int_steps=a.int_steps)
+    print(f"features {a.features}: {res.io.seconds:.1f} s, similarity {float(res.io.final_similarity[0]):.4f}, "
+          f"folds {res.folds:.3f} %, std log|J| {res.sdlogj:.3f}")
+    if res.dice_after is not None:
+        aligned = "" if res.dice_affine is None else f"  after affine {res.dice_affine:.4f}"
+        print(f"Dice before {res.dice_before:.4f}{aligned}  after {res.dice_after:.4f}")
     return 0
 
 
