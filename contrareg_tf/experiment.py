@@ -48,13 +48,14 @@ def split_arrays(desc, split, cfg: Config):
 def make_test_pairs(arrays, n_pairs=None, seed=0):
     """Inter-subject test pairs: I1 = T1w of a, I2 = T2w of b ≠ a (all ordered pairs, or ``n_pairs`` of them
     drawn deterministically)."""
+    from .data.pairs import make_pairs
+
     n = arrays["t1"].shape[0]
     if n < 2:
         raise ContraRegInputError(f"need at least 2 test subjects for inter-subject pairs, got {n}")
-    idx = [(a, b) for a in range(n) for b in range(n) if a != b]
-    if n_pairs is not None and n_pairs < len(idx):
-        rng = np.random.default_rng(seed)
-        idx = [idx[i] for i in sorted(rng.choice(len(idx), n_pairs, replace=False))]
+    # the pairs of data.pairs.make_pairs, in lexicographic order (all of them when n_pairs covers them)
+    full = n_pairs is None or n_pairs >= n * (n - 1)
+    idx = make_pairs(n) if full else sorted(make_pairs(n, n_pairs, seed))
     a, b = np.array([i for i, _ in idx]), np.array([j for _, j in idx])
     return {"img1": arrays["t1"][a], "img2": arrays["t2"][b], "labels1": arrays["labels"][a],
             "labels2": arrays["labels"][b], "target_t2": arrays["t2"][a], "ab": idx}
