@@ -91,3 +91,63 @@ def test_losses_face_exports_vxm_style_classes():
         assert importlib.util.find_spec(f"contrareg_tf.losses.{name}") is None, name
     from contrareg_tf.losses import mind, patchnce
     assert mind.__name__ == "contrareg_tf.losses.mind" and patchnce.__name__ == "contrareg_tf.losses.patchnce"
+
+
+@pytest.mark.slow
+def test_wheel_install_runs_commands_with_the_shipped_weights(tmp_path):
+    """A wheel built from the repository, installed without -e into a fresh venv (its dependencies borrowed
+    from this environment through a .pth line, so nothing is downloaded), finds the shipped MASR-Net weights
+    in <venv>/share/contrareg_tf/models: ``--loss dns`` training and IO with DNS features run from another
+    folder, with no repository on the path."""
+    import sysconfig
+
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    src = tmp_path / "src"                                    # build from a copy: the checkout stays clean
+    src.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), src / name)
+    for name in ("contrareg_tf", "models"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    run = dict(capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(tmp_path / "wheels")], **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = next((tmp_path / "wheels").glob("contrareg_tf-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, **run)
+    py = str(venv / "bin" / "python")
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, **run).stdout.strip()
+    with open(os.path.join(site, "_deps.pth"), "w") as f:     # TF, vxm, ... from this environment
+        f.write(sysconfig.get_paths()["purelib"] + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "--no-deps", "-q", str(wheel)],
+                       **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CONTRAREG_MODELS")}
+    work = tmp_path / "work"
+    work.mkdir()
+    run.update(cwd=str(work), env=env)
+    r = subprocess.run([py, "-c", "import contrareg_tf, contrareg_tf.assets as a; "
+                        "print(contrareg_tf.__file__); print(a.models_dir())"], **run)
+    pkg, models = r.stdout.split()
+    assert pkg.startswith(str(venv)) and models == str(venv / "share" / "contrareg_tf" / "models")
+    assert os.path.isfile(os.path.join(models, "dns_proxy2d.h5"))
+
+    r = subprocess.run([str(venv / "bin" / "contrareg-train-hyper"), "--loss", "dns", "--preset", "tiny2d",
+                        "--iters", "2", "--out", str(work / "run"), "--no-progress"], **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.path.isfile(work / "run" / "model.h5")
+
+    rng = np.random.default_rng(0)
+    vol = ndimage.gaussian_filter(rng.random((24, 24, 24)), 2)
+    vol = (vol - vol.min()) / (vol.max() - vol.min())
+    for name, img in (("f.nii.gz", vol), ("m.nii.gz", np.roll(1 - vol, 1, axis=0))):
+        nib.save(nib.Nifti1Image(img.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(work / name))
+    r = subprocess.run([str(venv / "bin" / "contrareg-instance-opt"), "--fixed", "f.nii.gz", "--moving",
+                        "m.nii.gz", "--features", "dns", "--iters", "2,2,2", "--moved", "o.nii.gz", "--quiet"],
+                       **run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "features dns" in r.stdout and (work / "o.nii.gz").is_file()
