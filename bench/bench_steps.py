@@ -20,26 +20,16 @@ sys.path.insert(0, ROOT)
 
 def worker(preset, loss, steps, warmup):
     import numpy as np
-    import tensorflow as tf
 
     from contrareg_tf import experiment, training
     from contrareg_tf.config import get_preset
-    from contrareg_tf.losses.objective import velocity_regulariser
-    from contrareg_tf.losses.similarity import LossSpec
 
     cfg = get_preset(preset)
     arr = experiment.split_arrays(experiment.resolve_data(cfg), "train", cfg)
-    tf.keras.utils.set_random_seed(0)
-    rng = tf.random.Generator.from_seed(0)
-    model, _, _, sim = training.build_components(cfg, loss, rand_ae=True, rng=rng)
-    # time per step does not depend on the learning rate; a tiny one keeps random-AE CR runs from diverging
-    # (RandAE + τ = 0.007 at the demo lr 2e-3 blows up within a few steps) during the timing
-    opt = tf.keras.optimizers.Adam(1e-6)
-    opt.build(model.trainable_variables + sim.trainable_variables)
-    strat = tf.distribute.get_strategy()
-    step = training.make_train_step(model, sim, velocity_regulariser(cfg.reg_penalty), LossSpec.parse(loss).alpha(cfg), opt,
-                                    strat, cfg.batch_size)
-    sampler = training.PairSampler(arr["t1"], arr["t2"], arr["mask1"], arr["mask2"], cfg.batch_size, seed=0)
+    # the trainer's own setup (same seed, same order); time per step does not depend on the learning rate, and
+    # a tiny one keeps random-AE CR runs from diverging during the timing (RandAE + τ = 0.007 at lr 2e-3 blows up)
+    s = training.setup_registration(cfg, loss, arr, rand_ae=True, lr=1e-6)
+    step, sampler, strat = s.step, s.sampler, s.strategy
     t0 = time.time()
     for i in range(warmup):
         float(step(training._distribute(strat, sampler.batch(i)))["loss"])

@@ -55,21 +55,28 @@ def test_pair_sampler_is_step_keyed_and_inter_subject(arrays2d):
 def test_resume_continues_exactly(tmp_path, arrays2d):
     """4 steps straight == 2 steps, stop, resume 2 more (same step count, weights and optimizer moments)."""
     cfg = get_preset("tiny2d")
+    from tensorflow.python.framework import config as tf_config   # disable_op_determinism: TF-internal
+
+    # op determinism is process-wide and makes later XLA compiles fail (test_hyper's --xla test, seen when
+    # it ran after this one): switch it off again afterwards
     tf.config.experimental.enable_op_determinism()
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    # mCR: random PatchNCE locations too (their generator state is checkpointed)
-    kw = dict(rand_ae=True, progress=False)
-    h_full = training.train_hyper(cfg, "mcr", full, arrays2d, iters=4, **kw)
-    training.train_hyper(cfg, "mcr", part, arrays2d, iters=2, **kw)
-    h_res = training.train_hyper(cfg, "mcr", part, arrays2d, iters=4, resume=True, **kw)
-    assert [h["step"] for h in h_res] == [3, 4]
-    np.testing.assert_allclose(h_res[-1]["loss"], h_full[-1]["loss"], rtol=1e-5)
-    for a, b in zip(_weights(full), _weights(part)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    # and the weights actually moved away from initialisation
-    fresh = str(tmp_path / "fresh")
-    training.train_hyper(cfg, "mcr", fresh, arrays2d, iters=0, **kw)
-    assert any(not np.allclose(a, b) for a, b in zip(_weights(full), _weights(fresh)))
+    try:
+        full, part = str(tmp_path / "full"), str(tmp_path / "part")
+        # mCR: random PatchNCE locations too (their generator state is checkpointed)
+        kw = dict(rand_ae=True, progress=False)
+        h_full = training.train_hyper(cfg, "mcr", full, arrays2d, iters=4, **kw)
+        training.train_hyper(cfg, "mcr", part, arrays2d, iters=2, **kw)
+        h_res = training.train_hyper(cfg, "mcr", part, arrays2d, iters=4, resume=True, **kw)
+        assert [h["step"] for h in h_res] == [3, 4]
+        np.testing.assert_allclose(h_res[-1]["loss"], h_full[-1]["loss"], rtol=1e-5)
+        for a, b in zip(_weights(full), _weights(part)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        # and the weights actually moved away from initialisation
+        fresh = str(tmp_path / "fresh")
+        training.train_hyper(cfg, "mcr", fresh, arrays2d, iters=0, **kw)
+        assert any(not np.allclose(a, b) for a, b in zip(_weights(full), _weights(fresh)))
+    finally:
+        tf_config.disable_op_determinism()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, arrays2d):

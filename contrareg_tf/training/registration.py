@@ -132,17 +132,32 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
         return _train_hyper(cfg, loss_name, out_dir, train_arrays, **kwargs)
 
 
-def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
-                 lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
-                 mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
-                 command=None):
+@dataclasses.dataclass
+class RegistrationSetup:
+    """Everything one training run of the λ-conditioned network needs, built in a fixed order (so the same
+    seed gives the same initial weights): what ``train_hyper`` runs and what ``bench/bench_steps.py`` times."""
+    model: tf.keras.Model
+    heads1: object
+    heads2: object
+    sim: object                   # losses.similarity.BidirSimilarity
+    optimizer: tf.keras.optimizers.Optimizer
+    ckpt: tf.train.Checkpoint
+    step: object                  # tf.function: batch dict -> dict of scalar terms
+    sampler: PairSampler
+    strategy: tf.distribute.Strategy
+    lr: float
+    batch_size: int
+
+
+def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None, rand_ae=False, lr=None,
+                       batch_size=None, strategy="default", conditioning="film", mixed_precision=False, xla=False,
+                       dns_model=None, reg_penalty=None) -> RegistrationSetup:
+    """Model, heads, similarity, Adam, checkpoint, the traced step and the pair sampler for ``loss_name``."""
     from ..losses.objective import velocity_regulariser
     from ..losses.similarity import LossSpec
 
-    iters = int(cfg.iters if iters is None else iters)
     lr = float(lr or cfg.lr)
     batch_size = int(batch_size or cfg.batch_size)
-    os.makedirs(out_dir, exist_ok=True)
     if tuple(train_arrays["t1"].shape[1:]) != tuple(cfg.inshape):
         raise ContraRegInputError(f"training images have shape {tuple(train_arrays['t1'].shape[1:])} but the "
                                   f"config expects {tuple(cfg.inshape)}")
@@ -165,6 +180,20 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
         reg = velocity_regulariser(reg_penalty or cfg.reg_penalty)
         step = make_train_step(model, sim, reg, spec.alpha(cfg), optimizer, strat,
                                global_batch=batch_size, jit=xla)
+    sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
+                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext)
+    return RegistrationSetup(model, heads1, heads2, sim, optimizer, ckpt, step, sampler, strat, lr, batch_size)
+
+
+def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
+                 lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
+                 mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
+                 command=None):
+    iters = int(cfg.iters if iters is None else iters)
+    os.makedirs(out_dir, exist_ok=True)
+    s = setup_registration(cfg, loss_name, train_arrays, ae1, ae2, rand_ae, lr, batch_size, strategy, conditioning,
+                           mixed_precision, xla, dns_model, reg_penalty)
+    lr, batch_size, model, heads1, heads2 = s.lr, s.batch_size, s.model, s.heads1, s.heads2
     meta = {"config": dataclasses.asdict(cfg), "loss": loss_name, "conditioning": conditioning,
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
             "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
@@ -173,12 +202,9 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
     write_json(os.path.join(out_dir, "config.json"), meta)
-    sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
-                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext)
-
     t0 = time.time()
-    history = run_loop(step, sampler.batch, ckpt, out_dir, iters, cfg.ckpt_every, strat, resume, progress,
-                       desc=f"train {loss_name}")
+    history = run_loop(s.step, s.sampler.batch, s.ckpt, out_dir, iters, cfg.ckpt_every, s.strategy, resume,
+                       progress, desc=f"train {loss_name}")
     elapsed = time.time() - t0
     save_trained(out_dir, model, heads1, heads2)
     card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
