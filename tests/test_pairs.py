@@ -76,6 +76,7 @@ def test_load_split_arrays_matches_files(synth):
     assert len(arr) == 4 and arr.names == ["s0", "s1", "s2", "s3"]
     assert arr.img1.shape == (4,) + SHAPE and arr.img1.dtype == np.float32
     assert arr["t1"] is arr.img1 and arr["t2"] is arr.img2  # dict-style aliases
+    assert arr.get("mask1") is arr.mask1 and arr.get("ext1") is None and arr.get("ext1", 0) == 0
     for i in range(4):
         np.testing.assert_allclose(arr.img1[i], _cp(_norm(raw[i]["t1"]), SHAPE), atol=1e-5)
         np.testing.assert_allclose(arr.img2[i], _cp(_norm(raw[i]["t2"]), SHAPE), atol=1e-5)

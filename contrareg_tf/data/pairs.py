@@ -82,6 +82,13 @@ class SplitArrays:
     def keys(self):
         return ("img1", "img2", "mask1", "mask2", "labels", "names", "affines")
 
+    def get(self, key, default=None):
+        """``self[key]``, or ``default`` for a key it does not have (dict-style)."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
 
 def _key(subs, shape, ndim):
     files = []
