@@ -62,10 +62,6 @@ class LossSpec:
         return cfg.alpha_contrastive if self.contrastive else 1.0
 
 
-def parse_loss(name) -> LossSpec:
-    return LossSpec.parse(name)
-
-
 def is_contrastive(name) -> bool:
     return LossSpec.parse(name).contrastive
 

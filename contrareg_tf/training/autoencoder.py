@@ -9,7 +9,7 @@ import tensorflow as tf
 from ..atomic import write_json
 from ..config import PAPER, Config
 from ..runs import save_trained_heads
-from .loop import _rng, run_loop
+from .loop import run_loop, step_rng
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -28,7 +28,7 @@ def reconstruction_loss(x, recon, win=PAPER.ae_ncc_win):
 def _augment_batch(images, step, seed, crop, batch_size, stream=0):
     from ..data import augment
 
-    rng = _rng(seed, step, stream)
+    rng = step_rng(seed, step, stream)
     idx = rng.integers(0, images.shape[0], batch_size)
     out = []
     for i in idx:
@@ -129,7 +129,7 @@ def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=None, batch_
         return {"loss": loss, "nce": nce, "rec": rec}
 
     def batch_fn(i):
-        rng = _rng(cfg.seed, i, 2)
+        rng = step_rng(cfg.seed, i, 2)
         idx = rng.integers(0, t1.shape[0], batch_size)   # same subject: aligned T1w/T2w
         return {"x1": t1[idx][..., None], "x2": t2[idx][..., None]}
 

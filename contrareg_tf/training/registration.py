@@ -12,7 +12,7 @@ from ..atomic import write_json
 from ..config import Config
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
-from .loop import _per_replica_mean, _reduce_terms, _rng, get_strategy, run_loop, set_mixed_precision
+from .loop import _per_replica_mean, _reduce_terms, get_strategy, run_loop, set_mixed_precision, step_rng
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ class PairSampler:
         self.n, self.batch_size, self.seed, self.ext = n, batch_size, seed, ext
 
     def batch(self, step):
-        rng = _rng(self.seed, step, 0)
+        rng = step_rng(self.seed, step, 0)
         a = rng.integers(0, self.n, self.batch_size)
         b = (a + rng.integers(1, self.n, self.batch_size)) % self.n          # b != a
         out = {"img1": self.t1[a], "img2": self.t2[b], "mask1": self.m1[a], "mask2": self.m2[b],
