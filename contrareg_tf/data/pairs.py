@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from ..errors import ContraRegInputError
+from ..rng import step_rng
 from .dataset import Description, Subject
 from .io import check_same_shape, crop_or_pad, foreground_mask, load_labels, load_nifti, normalize_intensity
 
@@ -182,105 +183,131 @@ def axial_band(masks: np.ndarray, frac: float = 0.5):
     return int(idx.min()), int(idx.max())
 
 
-def _others(rng, n, exclude):
-    """A random index in range(n) not in ``exclude`` (a small set)."""
-    ex = sorted(exclude)
-    r = int(rng.integers(n - len(ex)))
-    for e in ex:
-        if r >= e:
-            r += 1
-    return r
+class PairSampler:
+    """The one inter-subject pair sampler (paper §3), for training and for the 2-D-from-3-D slice case.
+
+    ``batch(step)`` is a pure function of ``(seed, step)`` (``rng.step_rng(seed, step, 0)``), endless; per sample:
+    subject ``a`` uniform in ``range(n)``, ``b = (a + U{1..n−1}) mod n`` (so ``b != a``), λ ~ U[0, 1]; with
+    ``ext`` (ExtNegs) a third subject ``c`` uniform, moved to ``c+1 mod n`` while it equals ``a`` or ``b``; in
+    slice mode one axial slice ``z`` per sample, drawn after all of these, the same for ``a``, ``b`` and ``c``,
+    uniform over :func:`axial_band` of the union of all masks. (The paper samples random inter-subject pairs and
+    λ ~ U[0, 1]; the draw order above is this implementation's choice and is kept fixed, so runs repeat.)
+
+    Arrays: ``t1``, ``t2`` (N, *shape) float, optional ``mask1``/``mask2`` (default ``image > 0``), optional
+    ``labels`` (N, *shape) int. ``ndim``: the spatial dims of one sample; ``None`` = all axes after N. With
+    ``ndim=2`` and (N, X, Y, Z) arrays the sampler serves axial slices (``band_frac`` sets the band).
+
+    Batch dict: ``img1`` = T1w of a, ``img2`` = T2w of b, ``mask1``, ``mask2`` float32 (B, *shape, 1), ``lam``
+    float32 (B, 1); + ``ext1``/``ext2`` = T1w/T2w of c if ``ext``; + ``labels1``/``labels2`` int32 (B, *shape, 1)
+    if ``with_labels``; + ``index1``/``index2`` (and ``index_ext``) int32 (B,) if ``with_indices``.
+    """
+
+    def __init__(self, t1, t2, mask1=None, mask2=None, batch_size=1, seed=0, ext=False, labels=None,
+                 with_labels=False, with_indices=False, ndim=None, band_frac=0.5):
+        t1, t2 = np.asarray(t1, np.float32), np.asarray(t2, np.float32)
+        if t1.shape != t2.shape:
+            raise ContraRegInputError(f"T1w stack {t1.shape} and T2w stack {t2.shape} differ in shape")
+        n = t1.shape[0]
+        if n < (3 if ext else 2):
+            raise ContraRegInputError(f"need at least {3 if ext else 2} subjects for inter-subject pairs"
+                                      f"{' with extra negatives (ExtNegs)' if ext else ''}, got {n}")
+        if int(batch_size) < 1:
+            raise ContraRegInputError(f"batch_size must be >= 1, got {batch_size}")
+        if with_labels and labels is None:
+            raise ContraRegInputError("with_labels=True but no label maps were given")
+        if labels is not None and np.shape(labels) != t1.shape:
+            raise ContraRegInputError(f"label stack {np.shape(labels)} and image stack {t1.shape} differ in shape")
+        sdim = t1.ndim - 1 if ndim is None else int(ndim)
+        if t1.ndim - 1 not in (sdim, sdim + 1):
+            raise ContraRegInputError(f"image stack {t1.shape} does not hold {sdim}-D samples")
+        self.slicing = t1.ndim - 1 == sdim + 1       # (N, *shape, Z): one axial slice per sample
+        self.t1, self.t2 = t1[..., None], t2[..., None]
+        self.m1 = (np.asarray(mask1, np.float32) if mask1 is not None else (t1 > 0).astype(np.float32))[..., None]
+        self.m2 = (np.asarray(mask2, np.float32) if mask2 is not None else (t2 > 0).astype(np.float32))[..., None]
+        self.labels = np.asarray(labels, np.int32)[..., None] if with_labels else None
+        self.n, self.batch_size, self.seed, self.ext = n, int(batch_size), seed, ext
+        self.with_indices = with_indices
+        if self.slicing:
+            self.band = axial_band(np.concatenate([self.m1[..., 0] > 0, self.m2[..., 0] > 0]), band_frac)
+
+    @classmethod
+    def from_split(cls, arr: "SplitArrays", ndim: int, **kwargs):
+        """A sampler over :func:`load_split_arrays`' arrays (labels passed along when ``with_labels``)."""
+        return cls(arr.img1, arr.img2, arr.mask1, arr.mask2, ndim=ndim,
+                   labels=arr.labels if kwargs.get("with_labels") else None, **kwargs)
+
+    def draw(self, step):
+        """Subject indices ``(a, b, c)`` (``c`` None without ``ext``), λ and slice indices ``z`` (None unless
+        slicing) of one step: the draws behind :meth:`batch`."""
+        rng = step_rng(self.seed, step, 0)
+        B, n = self.batch_size, self.n
+        a = rng.integers(0, n, B)
+        b = (a + rng.integers(1, n, B)) % n          # b != a
+        lam = rng.uniform(0.0, 1.0, (B, 1)).astype(np.float32)
+        c = None
+        if self.ext:
+            c = rng.integers(0, n, B)
+            for i in range(B):
+                while c[i] == a[i] or c[i] == b[i]:
+                    c[i] = (c[i] + 1) % n
+        z = rng.integers(self.band[0], self.band[1] + 1, B) if self.slicing else None
+        return a, b, c, lam, z
+
+    def batch(self, step):
+        a, b, c, lam, z = self.draw(step)
+        if self.slicing:
+            def take(x, i):
+                return x[i, ..., z, :]          # sample k: x[i[k], ..., z[k], :] (advanced indices broadcast first)
+        else:
+            def take(x, i):
+                return x[i]
+        out = {"img1": take(self.t1, a), "img2": take(self.t2, b), "mask1": take(self.m1, a),
+               "mask2": take(self.m2, b), "lam": lam}
+        if self.ext:
+            out["ext1"], out["ext2"] = take(self.t1, c), take(self.t2, c)
+        if self.labels is not None:
+            out["labels1"], out["labels2"] = take(self.labels, a), take(self.labels, b)
+        if self.with_indices:
+            out["index1"], out["index2"] = a.astype(np.int32), b.astype(np.int32)
+            if self.ext:
+                out["index_ext"] = c.astype(np.int32)
+        return out
+
+    def signature(self):
+        """``tf.TensorSpec`` of each key of :meth:`batch` (for ``tf.data``)."""
+        import tensorflow as tf
+
+        shape = (self.batch_size,) + self.t1.shape[1:-1 - int(self.slicing)] + (1,)
+        img = tf.TensorSpec(shape, tf.float32)
+        sig = {"img1": img, "img2": img, "mask1": img, "mask2": img,
+               "lam": tf.TensorSpec((self.batch_size, 1), tf.float32)}
+        if self.ext:
+            sig["ext1"] = sig["ext2"] = img
+        if self.labels is not None:
+            sig["labels1"] = sig["labels2"] = tf.TensorSpec(shape, tf.int32)
+        if self.with_indices:
+            sig["index1"] = sig["index2"] = tf.TensorSpec((self.batch_size,), tf.int32)
+            if self.ext:
+                sig["index_ext"] = sig["index1"]
+        return sig
 
 
 def pair_dataset(desc, split: str, shape: Sequence[int], batch_size: int, seed: int = 0, ndim: int = 3,
-                 with_labels: bool = False, repeat: bool = True, ext_negative: bool = False,
-                 n_pairs: Optional[int] = None, with_indices: bool = False, band_frac: float = 0.5):
-    """``tf.data.Dataset`` of inter-subject pair batches: dicts with ``img1``, ``img2``, ``mask1``,
-    ``mask2`` of shape (B, *shape, 1) float32 [+ ``labels1``, ``labels2`` int32 (B, *shape, 1)]
-    [+ ``img_ext``, ``mask_ext`` (modality 2 / mask of a third subject) if ``ext_negative``]
-    [+ ``index1``, ``index2`` (and ``index_ext``) int32 (B,) if ``with_indices``].
-
-    ``repeat=True``: endless, a fresh random pair (a != b) per sample from ``np.random.default_rng(seed)``
-    (iterating the data set again restarts the same sequence). ``repeat=False``: one pass over
-    ``make_pairs(split, n_pairs, seed)`` (last batch may be smaller). 2-D mode on 3-D volumes: one axial
-    slice per sample, the same z for a, b (and c), drawn from the :func:`axial_band`.
-    """
+                 with_labels: bool = False, ext_negative: bool = False, with_indices: bool = False,
+                 band_frac: float = 0.5):
+    """``tf.data.Dataset`` view of :class:`PairSampler` over :func:`load_split_arrays`: batch ``k`` of the
+    (endless) data set is ``sampler.batch(k)``, so iterating again restarts the same sequence. For one pass
+    over fixed pairs (evaluation) use :func:`make_pairs`."""
     import tensorflow as tf
 
-    if batch_size < 1:
-        raise ContraRegInputError(f"batch_size must be >= 1, got {batch_size}")
     arr = load_split_arrays(desc, split, shape, ndim)
-    n = len(arr)
-    if n < 2:
-        raise ContraRegInputError(f"split {split!r} has {n} subject(s); inter-subject pairs need >= 2")
-    if ext_negative and n < 3:
-        raise ContraRegInputError(f"split {split!r} has {n} subjects; ext_negative needs >= 3")
-    if with_labels and arr.labels is None:
-        raise ContraRegInputError(f"split {split!r}: with_labels=True but some subjects have no label map")
-    slicing = arr.img1.ndim == ndim + 2  # (N, *shape, Z)
-    if slicing:
-        zlo, zhi = axial_band(np.concatenate([arr.mask1, arr.mask2]), band_frac)
-    shape = tuple(shape)
-
-    def take(x, i, z):
-        return x[i, ..., z] if slicing else x[i]
-
-    def sample(a, b, c, z):
-        d = {"img1": take(arr.img1, a, z), "img2": take(arr.img2, b, z),
-             "mask1": take(arr.mask1, a, z), "mask2": take(arr.mask2, b, z)}
-        if with_labels:
-            d["labels1"] = take(arr.labels, a, z)
-            d["labels2"] = take(arr.labels, b, z)
-        if ext_negative:
-            d["img_ext"] = take(arr.img2, c, z)
-            d["mask_ext"] = take(arr.mask2, c, z)
-        return d
-
-    def collate(items, idx):
-        out = {}
-        for k in items[0]:
-            dt = np.int32 if k.startswith("labels") else np.float32
-            out[k] = np.stack([it[k] for it in items]).astype(dt)[..., None]
-        if with_indices:
-            out["index1"] = np.array([i[0] for i in idx], np.int32)
-            out["index2"] = np.array([i[1] for i in idx], np.int32)
-            if ext_negative:
-                out["index_ext"] = np.array([i[2] for i in idx], np.int32)
-        return out
+    sampler = PairSampler.from_split(arr, ndim, batch_size=batch_size, seed=seed, ext=ext_negative,
+                                     with_labels=with_labels, with_indices=with_indices, band_frac=band_frac)
 
     def gen():
-        rng = np.random.default_rng(seed)
-        if repeat:
-            while True:
-                items, idx = [], []
-                for _ in range(batch_size):
-                    a = int(rng.integers(n))
-                    b = _others(rng, n, {a})
-                    c = _others(rng, n, {a, b}) if ext_negative else None
-                    z = int(rng.integers(zlo, zhi + 1)) if slicing else None
-                    items.append(sample(a, b, c, z))
-                    idx.append((a, b, c))
-                yield collate(items, idx)
-        else:
-            pairs = make_pairs(n, n_pairs, seed)
-            for s in range(0, len(pairs), batch_size):
-                items, idx = [], []
-                for a, b in pairs[s:s + batch_size]:
-                    c = _others(rng, n, {a, b}) if ext_negative else None
-                    z = int(rng.integers(zlo, zhi + 1)) if slicing else None
-                    items.append(sample(a, b, c, z))
-                    idx.append((a, b, c))
-                yield collate(items, idx)
+        step = 0
+        while True:
+            yield sampler.batch(step)
+            step += 1
 
-    bdim = batch_size if repeat else None
-    img = tf.TensorSpec((bdim,) + shape + (1,), tf.float32)
-    sig = {"img1": img, "img2": img, "mask1": img, "mask2": img}
-    if with_labels:
-        sig["labels1"] = sig["labels2"] = tf.TensorSpec((bdim,) + shape + (1,), tf.int32)
-    if ext_negative:
-        sig["img_ext"] = sig["mask_ext"] = img
-    if with_indices:
-        sig["index1"] = sig["index2"] = tf.TensorSpec((bdim,), tf.int32)
-        if ext_negative:
-            sig["index_ext"] = tf.TensorSpec((bdim,), tf.int32)
-    return tf.data.Dataset.from_generator(gen, output_signature=sig).prefetch(2)
+    return tf.data.Dataset.from_generator(gen, output_signature=sampler.signature()).prefetch(2)

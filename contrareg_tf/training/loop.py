@@ -6,9 +6,10 @@ random numbers.
 NaN/Inf loss that keeps the last good checkpoint (``TrainingDiverged``).
 
 Exact resume: every random choice of a step (which subjects form the pair, λ ~ U[0,1], augmentation, sampled
-locations) is a pure function of ``(seed, step, stream)`` (:func:`step_rng`), and in-graph random draws come
-from a checkpointed ``tf.random.Generator``, so a resumed run draws exactly what the uninterrupted run would
-have drawn. (``tf.random.set_seed`` per step would also do it, but it clears TF's kernel caches: 10× slower.)
+locations) is a pure function of ``(seed, step, stream)`` (:func:`step_rng`, defined in ``rng.py``), and in-graph
+random draws come from a checkpointed ``tf.random.Generator``, so a resumed run draws exactly what the
+uninterrupted run would have drawn. (``tf.random.set_seed`` per step would also do it, but it clears TF's kernel
+caches: 10× slower.)
 """
 import math
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import ContraRegInputError, TrainingDiverged
+from ..rng import step_rng  # noqa: F401  (lives in rng.py so data/ can use it; this import path keeps working)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -37,15 +39,6 @@ def set_mixed_precision(enabled):
     """Keras mixed_float16 policy (GPU only; off on CPU where it only slows things down)."""
     policy = "mixed_float16" if enabled else "float32"
     tf.keras.mixed_precision.set_global_policy(policy)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# step-keyed random numbers
-# --------------------------------------------------------------------------------------------------------------
-def step_rng(seed, step, stream):
-    """NumPy generator for one (seed, step, stream): the same numbers whenever the step is (re-)run."""
-    return np.random.default_rng([int(seed), int(step), int(stream)])
-
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,48 +5,14 @@ import dataclasses
 import os
 import time
 
-import numpy as np
 import tensorflow as tf
 
 from ..atomic import write_json
 from ..config import Config
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
-from .loop import _per_replica_mean, _reduce_terms, get_strategy, run_loop, set_mixed_precision, step_rng
-
-
-# --------------------------------------------------------------------------------------------------------------
-# pairs
-# --------------------------------------------------------------------------------------------------------------
-class PairSampler:
-    """Inter-subject pairs (I1 = T1w of subject a, I2 = T2w of subject b ≠ a), λ ~ U[0,1] per sample and,
-    for ExtNegs, a third subject c's T1w/T2w. ``batch(step)`` is a pure function of (seed, step)."""
-
-    def __init__(self, t1, t2, mask1=None, mask2=None, batch_size=1, seed=0, ext=False):
-        t1, t2 = np.asarray(t1, np.float32), np.asarray(t2, np.float32)
-        if t1.shape != t2.shape:
-            raise ContraRegInputError(f"T1w stack {t1.shape} and T2w stack {t2.shape} differ in shape")
-        n = t1.shape[0]
-        if n < (3 if ext else 2):
-            raise ContraRegInputError(f"need at least {3 if ext else 2} subjects for inter-subject pairs, got {n}")
-        self.t1, self.t2 = t1[..., None], t2[..., None]
-        self.m1 = (np.asarray(mask1, np.float32) if mask1 is not None else (t1 > 0).astype(np.float32))[..., None]
-        self.m2 = (np.asarray(mask2, np.float32) if mask2 is not None else (t2 > 0).astype(np.float32))[..., None]
-        self.n, self.batch_size, self.seed, self.ext = n, batch_size, seed, ext
-
-    def batch(self, step):
-        rng = step_rng(self.seed, step, 0)
-        a = rng.integers(0, self.n, self.batch_size)
-        b = (a + rng.integers(1, self.n, self.batch_size)) % self.n          # b != a
-        out = {"img1": self.t1[a], "img2": self.t2[b], "mask1": self.m1[a], "mask2": self.m2[b],
-               "lam": rng.uniform(0.0, 1.0, (self.batch_size, 1)).astype(np.float32)}
-        if self.ext:
-            c = rng.integers(0, self.n, self.batch_size)
-            for i in range(self.batch_size):
-                while c[i] == a[i] or c[i] == b[i]:
-                    c[i] = (c[i] + 1) % self.n
-            out["ext1"], out["ext2"] = self.t1[c], self.t2[c]
-        return out
+from ..data.pairs import PairSampler
+from .loop import _per_replica_mean, _reduce_terms, get_strategy, run_loop, set_mixed_precision
 
 
 # --------------------------------------------------------------------------------------------------------------
