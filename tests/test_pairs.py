@@ -1,10 +1,11 @@
-"""Inter-subject pairs (contrareg_tf.data.pairs): make_pairs, load_split_arrays, pair_dataset."""
+"""Inter-subject pairs (contrareg_tf.data.pairs): make_pairs, load_split_arrays, PairSampler, pair_dataset."""
 import numpy as np
 import pytest
 
 from contrareg_tf.data import dataset as ds
 from contrareg_tf.data import io, pairs, proxy
 from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf.rng import step_rng
 
 VOL = (10, 12, 9)   # on-disk grid of the synthetic subjects
 SHAPE = (8, 14, 9)  # crop x, pad y, keep z
@@ -94,23 +95,75 @@ def _take(ds_, n):
     return [{k: v.numpy() for k, v in b.items()} for b in ds_.take(n)]
 
 
+def _old_training_rule(seed, step, n, B, ext):
+    """Independent transcription of the training sampler's draw rule as it stood before the two samplers were
+    merged (the README main-job numbers depend on it): a, b != a, λ, then c != a, b by +1 bumps."""
+    rng = step_rng(seed, step, 0)
+    a = rng.integers(0, n, B)
+    b = (a + rng.integers(1, n, B)) % n
+    lam = rng.uniform(0, 1, (B, 1)).astype(np.float32)
+    c = None
+    if ext:
+        c = rng.integers(0, n, B)
+        for i in range(B):
+            while c[i] in (a[i], b[i]):
+                c[i] = (c[i] + 1) % n
+    return a, b, lam, c
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 9])
+@pytest.mark.parametrize("B", [1, 4])
+def test_sampler_training_draws_bit_identical_to_old_rule(n, B):
+    rng = np.random.default_rng(n * 10 + B)
+    t1, t2 = rng.random((n, 4, 3)).astype(np.float32), rng.random((n, 4, 3)).astype(np.float32)
+    m1 = rng.random((n, 4, 3)) > 0.3
+    for ext in ([False, True] if n >= 3 else [False]):
+        for seed in (0, 7, 12345):
+            s = pairs.PairSampler(t1, t2, m1, None, batch_size=B, seed=seed, ext=ext)
+            for step in (0, 1, 2, 17, 999, 10 ** 6):
+                a, b, lam, c = _old_training_rule(seed, step, n, B, ext)
+                got = s.batch(step)
+                assert set(got) == {"img1", "img2", "mask1", "mask2", "lam"} | ({"ext1", "ext2"} if ext else set())
+                np.testing.assert_array_equal(got["img1"][..., 0], t1[a])
+                np.testing.assert_array_equal(got["img2"][..., 0], t2[b])
+                np.testing.assert_array_equal(got["mask1"][..., 0], m1[a].astype(np.float32))
+                np.testing.assert_array_equal(got["mask2"][..., 0], (t2[b] > 0).astype(np.float32))
+                assert got["lam"].dtype == np.float32 and np.array_equal(got["lam"], lam)
+                if ext:
+                    np.testing.assert_array_equal(got["ext1"][..., 0], t1[c])
+                    np.testing.assert_array_equal(got["ext2"][..., 0], t2[c])
+                    assert np.all((c != a) & (c != b))
+                assert np.all(a != b)
+    # the training package re-exports the same class
+    from contrareg_tf import training
+    assert training.PairSampler is pairs.PairSampler
+
+
+def _take(ds_, n):
+    return [{k: v.numpy() for k, v in b.items()} for b in ds_.take(n)]
+
+
 def test_pair_dataset_shapes_dtypes_and_content(synth):
     desc, raw = synth
     B = 3
     d = pairs.pair_dataset(desc, "train", SHAPE, B, seed=5, with_labels=True, ext_negative=True,
                            with_indices=True)
     batches = _take(d, 4)
-    for b in batches:
-        for k in ("img1", "img2", "mask1", "mask2", "img_ext", "mask_ext"):
+    for step, b in enumerate(batches):
+        for k in ("img1", "img2", "mask1", "mask2", "ext1", "ext2"):
             assert b[k].shape == (B,) + SHAPE + (1,) and b[k].dtype == np.float32, k
         for k in ("labels1", "labels2"):
             assert b[k].shape == (B,) + SHAPE + (1,) and b[k].dtype == np.int32
         i1, i2, ie = b["index1"], b["index2"], b["index_ext"]
-        assert np.all(i1 != i2) and np.all(ie != i1) and np.all(ie != i2)
+        # batch k of the data set is the step-keyed draw of step k
+        a, c2, lam, c = _old_training_rule(5, step, 4, B, True)
+        assert np.array_equal(i1, a) and np.array_equal(i2, c2) and np.array_equal(ie, c)
+        assert np.array_equal(b["lam"], lam)
         for s in range(B):
             np.testing.assert_allclose(b["img1"][s, ..., 0], _cp(_norm(raw[i1[s]]["t1"]), SHAPE), atol=1e-5)
             np.testing.assert_allclose(b["img2"][s, ..., 0], _cp(_norm(raw[i2[s]]["t2"]), SHAPE), atol=1e-5)
-            np.testing.assert_allclose(b["img_ext"][s, ..., 0], _cp(_norm(raw[ie[s]]["t2"]), SHAPE), atol=1e-5)
+            np.testing.assert_allclose(b["ext1"][s, ..., 0], _cp(_norm(raw[ie[s]]["t1"]), SHAPE), atol=1e-5)
+            np.testing.assert_allclose(b["ext2"][s, ..., 0], _cp(_norm(raw[ie[s]]["t2"]), SHAPE), atol=1e-5)
             np.testing.assert_array_equal(b["labels2"][s, ..., 0], _cp(raw[i2[s]]["labels"], SHAPE))
     # every index stays inside the train split (the test subject s4 never appears)
     assert max(int(b["index1"].max()) for b in batches) < 4
@@ -122,18 +175,7 @@ def test_pair_dataset_shapes_dtypes_and_content(synth):
     assert any(not np.array_equal(x["index1"], y["index1"]) for x, y in zip(batches, other))
     # the default keys only
     plain = next(iter(pairs.pair_dataset(desc, "train", SHAPE, 2, seed=0)))
-    assert set(plain) == {"img1", "img2", "mask1", "mask2"}
-
-
-def test_pair_dataset_one_pass(synth):
-    desc, _ = synth
-    d = pairs.pair_dataset(desc, "train", SHAPE, 5, seed=0, repeat=False, with_indices=True)
-    got = []
-    sizes = []
-    for b in d:
-        sizes.append(int(b["img1"].shape[0]))
-        got += list(zip(b["index1"].numpy().tolist(), b["index2"].numpy().tolist()))
-    assert sorted(got) == pairs.make_pairs(4) and sizes == [5, 5, 2]
+    assert set(plain) == {"img1", "img2", "mask1", "mask2", "lam"}
 
 
 def test_2d_mode_slices_3d_volumes(synth):
@@ -142,25 +184,40 @@ def test_2d_mode_slices_3d_volumes(synth):
     arr = pairs.load_split_arrays(desc, "train", shape2, ndim=2)
     assert arr.img1.shape == (4,) + shape2 + (VOL[2],)
     zlo, zhi = pairs.axial_band(np.concatenate([arr.mask1, arr.mask2]))
-    d = pairs.pair_dataset(desc, "train", shape2, 4, seed=1, ndim=2, with_indices=True)
+    d = pairs.pair_dataset(desc, "train", shape2, 4, seed=1, ndim=2, with_indices=True, ext_negative=True)
     for b in _take(d, 3):
         assert b["img1"].shape == (4,) + shape2 + (1,)
         for s in range(4):
-            a, c = b["index1"][s], b["index2"][s]
+            a, c, e = b["index1"][s], b["index2"][s], b["index_ext"][s]
             vol1 = _cp(_norm(raw[a]["t1"]), shape2)
             vol2 = _cp(_norm(raw[c]["t2"]), shape2)
+            vole = _cp(_norm(raw[e]["t2"]), shape2)
             z1 = [z for z in range(VOL[2]) if np.allclose(vol1[..., z], b["img1"][s, ..., 0], atol=1e-5)]
             z2 = [z for z in range(VOL[2]) if np.allclose(vol2[..., z], b["img2"][s, ..., 0], atol=1e-5)]
-            assert len(z1) == 1 and z1 == z2 and zlo <= z1[0] <= zhi  # same axial slice for both images
+            ze = [z for z in range(VOL[2]) if np.allclose(vole[..., z], b["ext2"][s, ..., 0], atol=1e-5)]
+            # the same axial slice for all three images, inside the band
+            assert len(z1) == 1 and z1 == z2 == ze and zlo <= z1[0] <= zhi
+    # slicing draws a, b, λ, c exactly as the 3-D (training) case does, then z
+    s3 = pairs.PairSampler(arr.img1, arr.img2, arr.mask1, arr.mask2, batch_size=4, seed=1, ext=True)
+    s2 = pairs.PairSampler.from_split(arr, 2, batch_size=4, seed=1, ext=True, with_indices=True)
+    a, b, c, lam, z = s2.draw(3)
+    a3, b3, c3, lam3, z3 = s3.draw(3)
+    assert np.array_equal(a, a3) and np.array_equal(b, b3) and np.array_equal(c, c3) and np.array_equal(lam, lam3)
+    assert z3 is None and np.all((z >= zlo) & (z <= zhi))
+    got = s2.batch(3)
+    for k in range(4):
+        np.testing.assert_array_equal(got["mask2"][k, ..., 0], arr.mask2[b[k], ..., z[k]].astype(np.float32))
 
 
 def test_errors(synth, tmp_path):
     desc, raw = synth
-    with pytest.raises(ContraRegInputError, match="'test' has 1 subject"):
+    with pytest.raises(ContraRegInputError, match="at least 2 subjects.*got 1"):
         pairs.pair_dataset(desc, "test", SHAPE, 1)
     two = ds.Description(desc.subjects[:2], source="two")
-    with pytest.raises(ContraRegInputError, match="ext_negative needs >= 3"):
+    with pytest.raises(ContraRegInputError, match="at least 3 subjects.*ExtNegs.*got 2"):
         pairs.pair_dataset(two, "train", SHAPE, 1, ext_negative=True)
+    with pytest.raises(ContraRegInputError, match="batch_size"):
+        pairs.pair_dataset(desc, "train", SHAPE, 0)
     with pytest.raises(ContraRegInputError, match="shape"):
         pairs.load_split_arrays(desc, "train", (8, 8), ndim=3)
     # a subject whose T2w has another shape than its T1w
