@@ -265,3 +265,56 @@ def test_loader_keeps_large_labels_and_rejects_non_integer_ones(tmp_path):
     np.testing.assert_array_equal(arr.labels[0] == 40000, blob)
     with pytest.raises(ContraRegInputError, match=r"s1/labels\.nii\.gz.*integer"):
         pairs.load_split_arrays(desc, "test", VOL, ndim=3)
+
+
+def _fg(x):
+    """Independent transcription of the foreground rule (scipy.ndimage as the peer): x > 10 % of the 99.5th
+    percentile, largest connected component, holes filled."""
+    import scipy.ndimage as ndi
+    m = x > 0.1 * np.percentile(x, 99.5)
+    lab, n = ndi.label(m)
+    if n > 1:
+        m = lab == 1 + np.argmax(np.bincount(lab.ravel())[1:])
+    return ndi.binary_fill_holes(m)
+
+
+def _norm_in(x, m):
+    lo, hi = np.percentile(x[m], [0.5, 99.5])
+    return np.clip((x - lo) / (hi - lo), 0, 1)
+
+
+def test_one_subject_loader_behind_both_paths(synth, tmp_path):
+    """dataset.load_images (single images, MASR-Net) and pairs.load_split_arrays (pairs) both load through
+    dataset.load_subject: the same image and mask where their rules coincide (no mask file, values outside
+    [0, 1]), and each its own documented rule elsewhere."""
+    desc, raw = synth
+    grid = (16, 16, 16)                          # load_images pads (10, 12, 9) up to multiples of 8
+    images, masks, info = ds.load_images(desc, "train")
+    arr = pairs.load_split_arrays(desc, "train", grid, ndim=3)
+    assert info["n_images"] == 8 and all(x.shape == grid for x in images)
+    for i in range(4):
+        for j, (key, akey, mkey) in enumerate((("t1", "img1", "mask1"), ("t2", "img2", "mask2"))):
+            x, mk = images[2 * i + j], masks[2 * i + j]
+            whole = _cp(_norm(raw[i][key]), grid)
+            np.testing.assert_allclose(arr[akey][i], whole, atol=1e-5)
+            if i == 3:                             # no mask file: the two paths agree
+                np.testing.assert_array_equal(x, arr[akey][i])
+                np.testing.assert_array_equal(mk, arr[mkey][i])
+                np.testing.assert_array_equal(mk, _cp(_fg(_norm(raw[i][key])), grid))
+            else:                                  # mask file: load_images takes percentiles inside it
+                np.testing.assert_allclose(x, _cp(_norm_in(raw[i][key], raw[i]["mask"]), grid), atol=1e-5)
+                np.testing.assert_array_equal(mk, _cp(raw[i]["mask"], grid))
+                np.testing.assert_array_equal(arr[mkey][i], mk)
+    # an image already in [0, 1] is kept as it is by load_images, normalised by load_split_arrays
+    d = tmp_path / "u"
+    d.mkdir()
+    x01 = (0.8 * raw[3]["t1"] / raw[3]["t1"].max()).astype(np.float32)
+    for k in ("t1", "t2"):
+        io.save_nifti(d / f"{k}.nii.gz", x01)
+    io.save_nifti(d / "labels.nii.gz", raw[3]["labels"])
+    sub = ds.Subject("u", str(d / "t1.nii.gz"), str(d / "t2.nii.gz"), str(d / "labels.nii.gz"), None, "train")
+    one = ds.Description([sub, desc.subjects[0]], source="u")
+    images, masks, _ = ds.load_images(one, "train")
+    np.testing.assert_array_equal(images[0], _cp(x01, grid))
+    np.testing.assert_array_equal(masks[0], _cp(_fg(x01), grid))
+    np.testing.assert_allclose(pairs.load_split_arrays([sub], None, grid).img1[0], _cp(_norm(x01), grid), atol=1e-5)

@@ -248,26 +248,59 @@ def resolve(cfg, data=None, out_dir=None) -> Description:
                        seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape), source=cfg.data_source)
 
 
+def load_subject(s: Subject, ndim: Optional[int] = None, with_labels: bool = True, normalise: str = "always",
+                 percentiles: str = "image") -> dict:
+    """The one per-subject loader: T1w and T2w normalised to [0, 1], their foreground masks, the label map.
+
+    Files: ``load_nifti`` (``ndim`` enforced if given), labels by ``io.load_labels`` (integer check); T2w, labels
+    and mask must share the T1w's grid. Intensities: ``io.normalize_intensity`` (robust 0.5/99.5 percentiles,
+    clipped), ``normalise="always"`` or ``"outside_unit"`` (only an image with values outside [0, 1]);
+    percentiles over the whole image (``percentiles="image"``) or inside the mask file (``"mask"``; the whole
+    image when there is no mask file). Masks: the mask file (> 0) for both modalities, else
+    ``io.foreground_mask`` of each normalised image (an empty one is an error naming the file).
+
+    Returns a dict: ``t1``, ``t2`` float32, ``mask1``, ``mask2`` bool, ``labels`` int32 or None, ``affine`` (of
+    the T1w file), ``ndim_file`` (dimensionality of the files). Callers crop/pad: :func:`load_images` (single
+    images, MASR-Net) and ``pairs.load_split_arrays`` (registration pairs)."""
+    from .io import check_same_shape, foreground_mask, load_labels, load_nifti, normalize_intensity
+
+    if normalise not in ("always", "outside_unit"):
+        raise ContraRegInputError(f"normalise must be 'always' or 'outside_unit', got {normalise!r}")
+    if percentiles not in ("image", "mask"):
+        raise ContraRegInputError(f"percentiles must be 'image' or 'mask', got {percentiles!r}")
+    vols = {}
+    for key in ("t1", "t2", "labels", "mask"):
+        p = getattr(s, key)
+        if p and (key != "labels" or with_labels):
+            vols[key] = load_labels(p, ndim=ndim) if key == "labels" else load_nifti(p, ndim=ndim)
+    for key in ("t2", "labels", "mask"):
+        if key in vols:
+            check_same_shape(vols["t1"], vols[key], ("t1", key))
+    m = vols["mask"].data > 0 if "mask" in vols else None
+    out = {"labels": vols["labels"].data if "labels" in vols else None, "affine": vols["t1"].affine,
+           "ndim_file": vols["t1"].data.ndim}
+    for key, mkey in (("t1", "mask1"), ("t2", "mask2")):
+        x = vols[key].data
+        if normalise == "always" or x.min() < 0 or x.max() > 1:
+            x = normalize_intensity(x, mask=m if percentiles == "mask" else None)
+        out[key] = np.asarray(x, np.float32)
+        out[mkey] = m if m is not None else foreground_mask(x, require_nonempty=True, name=vols[key].path)
+    return out
+
+
 def load_images(desc: Description, split: str = "train", ndim: Optional[int] = None, multiple: int = 8):
     """Both the T1w and the T2w image of every subject of ``split`` (all subjects if the split is empty), each
-    with its foreground mask, for single-image training (MASR-Net). Images outside [0, 1] are mapped by robust
-    percentiles; masks come from the mask column or ``io.foreground_mask``; sizes not divisible by ``multiple``
+    with its foreground mask, for single-image training (MASR-Net): :func:`load_subject` with images outside
+    [0, 1] mapped by robust percentiles inside the mask file (if any); sizes not divisible by ``multiple``
     are zero-padded up. Returns (images, masks, info dict)."""
-    from .io import crop_or_pad, foreground_mask, load_nifti, normalize_intensity
+    from .io import crop_or_pad
 
     subjects = desc.split(split) or desc.split("all")
     images, masks = [], []
     for s in subjects:
-        m = load_nifti(s.mask, ndim=ndim).data > 0 if s.mask else None
-        for key in ("t1", "t2"):
-            vol = load_nifti(getattr(s, key), ndim=ndim)
-            x = vol.data
-            if x.min() < 0 or x.max() > 1:
-                x = normalize_intensity(x, mask=m)
-            mk = m if m is not None else foreground_mask(x, require_nonempty=True, name=vol.path)
-            if mk.shape != x.shape:
-                raise ContraRegInputError(f"{s.mask}: mask shape {mk.shape} != image shape {x.shape} "
-                                          f"({vol.path})")
+        sub = load_subject(s, ndim=ndim, with_labels=False, normalise="outside_unit", percentiles="mask")
+        for key, mkey in (("t1", "mask1"), ("t2", "mask2")):
+            x, mk = sub[key], sub[mkey]
             target = [-(-n // multiple) * multiple for n in x.shape]
             if list(x.shape) != target:
                 x, _ = crop_or_pad(x, target)

@@ -1,10 +1,14 @@
 """Inter-subject multi-modal pairs (paper §3): I1 = modality 1 (T1w) of subject a, I2 = modality 2 (T2w)
-of a different subject b, with their foreground masks and label maps; optionally ``img_ext`` = modality 2
-of a third subject c (extra negatives, "ExtNegs").
+of a different subject b, with their foreground masks and label maps; optionally ``ext1``/``ext2`` = both
+modalities of a third subject c (extra negatives, "ExtNegs").
 
-Volumes are loaded once per (files, shape, ndim) and cached in memory: intensities normalised to [0, 1]
-(robust percentiles), centre-cropped/padded to ``shape``. 2-D mode on 3-D volumes yields axial slices
-(array axis 2 is taken as the axial axis) drawn from the central band where the foreground is large.
+- :func:`make_pairs`: the fixed, seeded list of evaluation pairs.
+- :class:`PairSampler`: the one random pair sampler (training, the 2-D-from-3-D slice case, ``pair_dataset``);
+  step-keyed, so a resumed run draws what the uninterrupted one would have.
+- :func:`load_split_arrays`: a split's volumes, loaded by ``dataset.load_subject`` (the one per-subject
+  loader) and cached in memory per (files, shape, ndim): intensities normalised to [0, 1] (robust
+  percentiles), centre-cropped/padded to ``shape``. 2-D mode on 3-D volumes keeps the axial axis (array axis
+  2) and samples axial slices from the central band where the foreground is large (:func:`axial_band`).
 """
 import os
 from dataclasses import dataclass
@@ -14,8 +18,8 @@ import numpy as np
 
 from ..errors import ContraRegInputError
 from ..rng import step_rng
-from .dataset import Description, Subject
-from .io import check_same_shape, crop_or_pad, foreground_mask, load_labels, load_nifti, normalize_intensity
+from .dataset import Description, Subject, load_subject
+from .io import crop_or_pad
 
 _CACHE = {}
 _CACHE_MAX = 4
@@ -100,40 +104,19 @@ def _key(subs, shape, ndim):
 
 
 def _load_subject(s: Subject, shape, ndim):
-    vol_nd = None
-    vols = {}
-    for key in ("t1", "t2", "labels", "mask"):
-        p = getattr(s, key)
-        if not p:
-            continue
-        v = load_labels(p) if key == "labels" else load_nifti(p)   # labels: int32, non-integer rejected
-        vols[key] = v
-        if vol_nd is None:
-            vol_nd = v.ndim
-    for key in ("t2", "labels", "mask"):
-        if key in vols:
-            check_same_shape(vols["t1"], vols[key], ("t1", key))
+    """:func:`dataset.load_subject` (always normalised, whole-image percentiles), crop/padded in-plane to
+    ``shape``; a mask file whose foreground is cropped away is an error."""
     if len(shape) != ndim:
         raise ContraRegInputError(f"shape {tuple(shape)} has {len(shape)} dims but ndim={ndim}")
+    sub = load_subject(s, ndim=None, with_labels=True, normalise="always", percentiles="image")
+    vol_nd = sub["ndim_file"]
     if not (vol_nd == ndim or (ndim == 2 and vol_nd == 3)):
         raise ContraRegInputError(f"{s.t1}: cannot use a {vol_nd}-D image with ndim={ndim}")
-    inplane = tuple(shape)
-    out = {}
-    for key in ("t1", "t2"):
-        out[key] = crop_or_pad(normalize_intensity(vols[key].data), inplane)[0]
-    if "mask" in vols:
-        m = crop_or_pad(vols["mask"].data > 0, inplane)[0]
-        if not m.any():
-            raise ContraRegInputError(f"{s.mask}: mask is empty (no foreground voxel)")
-        out["mask1"] = out["mask2"] = m
-    else:
-        out["mask1"] = crop_or_pad(foreground_mask(normalize_intensity(vols["t1"].data), require_nonempty=True,
-                                                   name=s.t1), inplane)[0]
-        out["mask2"] = crop_or_pad(foreground_mask(normalize_intensity(vols["t2"].data), require_nonempty=True,
-                                                   name=s.t2), inplane)[0]
-    out["labels"] = (crop_or_pad(vols["labels"].data, inplane)[0]
-                     if "labels" in vols else None)
-    return out, vols["t1"].affine
+    out = {k: (crop_or_pad(sub[k], tuple(shape))[0] if sub[k] is not None else None)
+           for k in ("t1", "t2", "mask1", "mask2", "labels")}
+    if s.mask and not out["mask1"].any():
+        raise ContraRegInputError(f"{s.mask}: mask is empty (no foreground voxel)")
+    return out, sub["affine"]
 
 
 def load_split_arrays(desc, split: str, shape: Sequence[int], ndim: int = 3) -> SplitArrays:
