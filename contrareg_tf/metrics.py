@@ -96,6 +96,18 @@ def pair_structures(fixed, moving):
     return sorted(int(x) for x in np.intersect1d(np.unique(f), np.unique(m)) if x != 0)
 
 
+def structure_dice(fixed, moving, moved, labels):
+    """Dice of ``moved`` against ``fixed`` for each label of ``labels``, scored on the pair's structures only
+    (:func:`pair_structures` of ``fixed`` and the unregistered ``moving``): a float array aligned with
+    ``labels``, nan where the label is not one of the pair's structures. One row of a (pairs × structures)
+    Dice table whose nan-mean over a row is the pair's mean Dice."""
+    ids = np.asarray(labels, np.int64)
+    out = np.full(len(ids), np.nan)
+    keep = np.isin(ids, pair_structures(fixed, moving))
+    out[keep] = dice_per_label(fixed, moved, ids[keep])
+    return out
+
+
 def dice30(scores, fraction=0.3):
     """Dice30 (ContraReg): mean of the lowest ``fraction`` of per-pair Dice scores.
 

@@ -473,14 +473,11 @@ def _label_loader(subs):
 def _dice_summary(desc, rows):
     """rows: [(fixed labels, moving labels before, moved labels)] -> mean / per-structure / per-pair Dice over
     each pair's structures (``metrics.pair_structures``)."""
-    from ..metrics import dice_per_label, pair_structures
+    from ..metrics import pair_structures, structure_dice
 
     names = {int(k): v for k, v in (desc.meta.get("label_names") or {}).items()}
     ids = sorted(set().union(*[pair_structures(f, m) for f, m, _ in rows]))
-    d = np.full((len(rows), len(ids)), np.nan)
-    for i, (f, m, mv) in enumerate(rows):
-        keep = np.isin(ids, pair_structures(f, m))
-        d[i, keep] = dice_per_label(f, mv, np.asarray(ids)[keep])
+    d = np.array([structure_dice(f, m, mv, ids) for f, m, mv in rows]).reshape(len(rows), len(ids))
     per_pair = [float(np.nanmean(r)) for r in d]
     return {"mean": float(np.mean(per_pair)),
             "per_label": {names.get(j, str(j)): float(np.nanmean(d[:, i])) for i, j in enumerate(ids)},
