@@ -159,3 +159,39 @@ def get_preset(name: str) -> Config:
         return PRESETS[name]
     except KeyError:
         raise ContraRegInputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+# Table 1's external baselines (set B): SynthMorph trained here on synthetic images (voxelmorph 0.2's recipe)
+SYNTHMORPH_METHODS = ("sm-brains", "sm-shapes")
+
+
+@dataclass(frozen=True)
+class SynthMorphConfig:
+    """SynthMorph (Hoffmann et al., IEEE TMI 2022) as trained by voxelmorph 0.2's ``train_synthmorph.py``: its
+    script defaults (SVF at half resolution, 5 integration steps, Dice + ``reg_weight`` · Grad('l2') of the
+    displacement, λ = 1; synthesis: velocity std 0.5 at 1/16, bias std 0.3 at 1/40, blur std 1, gamma std
+    0.25, background zeroed with probability 0.2, random axis flips). ``dec_extra``: decoder convolutions after
+    the last U-Net level (the script's 4 encoder / 6 decoder widths = ``nb_levels`` 5 + 2). SM-shapes label
+    maps (ours; the paper draws them on the fly): a pool of ``shape_maps`` maps, each the argmax over
+    ``shape_labels`` = 26 Perlin-noise channels (neurite ``draw_perlin``) sampled at ``shape_points`` points
+    along the longest axis (8 and 4: the paper's noise resolutions 1:32 and 1:64 of a 256-voxel axis, kept
+    relative to the grid)."""
+    int_steps: int = 5
+    int_resolution: int = 2
+    svf_resolution: int = 2
+    dec_extra: int = 2
+    reg_weight: float = 1.0
+    vel_std: float = 0.5
+    vel_res: Tuple[float, ...] = (16.0,)
+    bias_std: float = 0.3
+    bias_res: Tuple[float, ...] = (40.0,)
+    blur_std: float = 1.0
+    gamma_std: float = 0.25
+    zero_background: float = 0.2
+    flip: bool = True
+    shape_labels: int = 26
+    shape_maps: int = 100
+    shape_points: Tuple[int, ...] = (8, 4)
+
+
+SM_PAPER = SynthMorphConfig()
+
+

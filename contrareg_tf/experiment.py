@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from .atomic import write_json
-from .config import LAMBDAS_17, TABLE1_A, Config
+from .config import LAMBDAS_17, SYNTHMORPH_METHODS, TABLE1_A, Config
 from .data.dataset import resolve as resolve_data  # noqa: F401  (data set of a config)
 from .errors import ContraRegInputError
 
@@ -97,12 +97,42 @@ def sup_pretrain(cfg, out_dir, data=None, iters=None, lr=None, batch_size=None, 
                               progress=progress, command=command)
 
 
+def _is_synthmorph(name):
+    return str(name).strip().lower() in SYNTHMORPH_METHODS
+
+
+def _is_contrastive(name):
+    """CR / mCR and variants (need autoencoders); False for the SynthMorph baselines."""
+    from .losses.similarity import is_contrastive
+
+    return not _is_synthmorph(name) and is_contrastive(name)
+
+
+def _train_synthmorph(cfg, method, out, data=None, **kw):
+    """SM-brains / SM-shapes (``training.synthmorph``): options of the λ-conditioned trainer that do not apply
+    are refused when set, ignored at their defaults."""
+    from .training.synthmorph import train_synthmorph
+
+    bad = [k for k in ("ae1", "ae2", "rand_ae", "dns_model", "reg_penalty", "mixed_precision", "xla")
+           if kw.pop(k, None)]
+    if kw.pop("conditioning", "film") != "film":
+        bad.append("conditioning")
+    if bad:
+        raise ContraRegInputError(f"{method}: {', '.join(bad)} do(es) not apply to a SynthMorph model")
+    desc = resolve_data(cfg, data)
+    arr = split_arrays(desc, "train", cfg)   # sm-brains: its label maps; both: the voxel size of the data
+    return train_synthmorph(cfg, method, out, {k: arr[k] for k in ("labels", "affines")}, **kw)
+
+
 def train_method(cfg, loss, out, data=None, **kw):
-    """Train one λ-conditioned model (``train_hyper.py``). A contrastive loss without ``ae1``/``ae2`` (and not
-    RandAE) uses the autoencoders shipped in ``models/`` for the preset, when there are any."""
+    """Train one λ-conditioned model (``train_hyper.py``), or a SynthMorph baseline (``sm-brains``,
+    ``sm-shapes``: ``training.synthmorph``). A contrastive loss without ``ae1``/``ae2`` (and not RandAE) uses the
+    autoencoders shipped in ``models/`` for the preset, when there are any."""
     from .losses.similarity import is_contrastive
     from .training import train_hyper
 
+    if _is_synthmorph(loss):
+        return _train_synthmorph(cfg, loss, out, data=data, **kw)
     if is_contrastive(loss) and not kw.get("rand_ae") and kw.get("ae1") is None and kw.get("ae2") is None:
         shipped = shipped_autoencoders(cfg)
         if shipped:
@@ -207,10 +237,8 @@ def _train_runs(cfg, jobs, data, progress, workers):
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    from .losses.similarity import is_contrastive
-
     ctx = mp.get_context("spawn")   # TF is not fork-safe
-    jobs = sorted(jobs, key=lambda j: not is_contrastive(j[0]))
+    jobs = sorted(jobs, key=lambda j: not _is_contrastive(j[0]))
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                 initargs=(ctx.Value("i", 0), ctx.RLock())) as pool:
         futures = [pool.submit(train_method, cfg, m, run, data=data, progress=progress, **kw)
@@ -228,16 +256,21 @@ def reproduce_table1(cfg, out_dir, methods=TABLE1_A, data=None, iters=None,
                      ae_iters=None, ae1=None, ae2=None, n_pairs=None, resume=False, progress=True, workers=None):
     """The main job: proxy data → autoencoders (shipped, given, or trained) → one run per method → Table 1.
     ``workers``: methods trained at once (default ``default_workers``)."""
-    from .losses.similarity import LossSpec, is_contrastive
+    from .losses.similarity import LossSpec
 
     for m in methods:
-        LossSpec.parse(m)        # one error line for an unknown method
+        if not _is_synthmorph(m):
+            try:
+                LossSpec.parse(m)    # one error line for an unknown method
+            except ContraRegInputError as e:
+                raise ContraRegInputError(f"{e}; or a SynthMorph baseline: {', '.join(SYNTHMORPH_METHODS)}") \
+                    from None
     if workers is not None and int(workers) < 1:
         raise ContraRegInputError(f"workers must be >= 1, got {workers}")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     desc = resolve_data(cfg, data)
-    if any(is_contrastive(m) for m in methods) and (ae1 is None or ae2 is None):
+    if any(_is_contrastive(m) for m in methods) and (ae1 is None or ae2 is None):
         shipped = None if data is not None else shipped_autoencoders(cfg)
         if shipped:
             ae1, ae2 = shipped
@@ -252,7 +285,7 @@ def reproduce_table1(cfg, out_dir, methods=TABLE1_A, data=None, iters=None,
         runs.append(run)
         if os.path.isfile(os.path.join(run, "model.h5")) and not resume:
             continue  # already trained
-        jobs.append((m, run, dict(ae1=ae1 if is_contrastive(m) else None, ae2=ae2 if is_contrastive(m) else None,
+        jobs.append((m, run, dict(ae1=ae1 if _is_contrastive(m) else None, ae2=ae2 if _is_contrastive(m) else None,
                                   iters=iters, resume=resume and os.path.isdir(os.path.join(run, "ckpt")))))
     _train_runs(cfg, jobs, data, progress, default_workers(len(jobs)) if workers is None else int(workers))
     md = evaluate_runs(runs, out_dir, data=data, n_pairs=n_pairs, progress=progress)

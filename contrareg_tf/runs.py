@@ -13,7 +13,8 @@ from .atomic import atomic_path
 from .config import Config
 from .errors import ContraRegInputError
 
-__all__ = ["save_trained", "save_trained_heads", "data_spacing", "config_from_meta", "read_run", "load_trained"]
+__all__ = ["save_trained", "save_trained_heads", "data_spacing", "config_from_meta", "synthmorph_config", "read_run",
+           "load_trained"]
 
 
 def _save_weights(obj, out_dir, name):
@@ -53,6 +54,17 @@ def config_from_meta(meta):
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
 
 
+def synthmorph_config(meta):
+    """The ``SynthMorphConfig`` of a SynthMorph run's ``config.json`` (JSON lists back to tuples)."""
+    from .config import SynthMorphConfig
+
+    try:
+        return SynthMorphConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in (meta.get("synthmorph") or {}).items()})
+    except TypeError as e:
+        raise ContraRegInputError(f"config.json: 'synthmorph' does not describe a SynthMorph model ({e})") from None
+
+
 def read_run(run_dir):
     """Read and check a ``train_hyper.py`` output folder before anything is built: ``config.json`` must be
     valid JSON with a complete ``config`` entry, ``model.h5`` a readable HDF5 file. Returns ``(meta, cfg)``;
@@ -89,7 +101,8 @@ def read_run(run_dir):
 
 
 def load_trained(run_dir, inshape=None):
-    """Rebuild a trained λ-conditioned model from ``run_dir`` (config.json + model.h5). ``inshape`` lets a
+    """Rebuild a trained λ-conditioned model (or a SynthMorph run, whose λ input is ignored) from ``run_dir``
+    (config.json + model.h5). ``inshape`` lets a
     fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``; a missing,
     truncated or incomplete file is a ``ContraRegInputError`` naming it."""
     from .networks.hyper import build_hyper_vxm, load_registration_weights
@@ -97,7 +110,11 @@ def load_trained(run_dir, inshape=None):
     meta, cfg = read_run(run_dir)
     if inshape is not None:
         cfg = dataclasses.replace(cfg, inshape=tuple(inshape))
-    model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
+    if meta.get("method") == "synthmorph":     # SynthMorph: one network, λ input ignored (training/synthmorph.py)
+        from .networks.synthmorph import SynthMorphVxm
+        model = SynthMorphVxm(cfg, synthmorph_config(meta))
+    else:
+        model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
     w_path = os.path.join(run_dir, "model.h5")
     try:
         load_registration_weights(model, w_path)
