@@ -152,11 +152,23 @@ class BidirSimilarity:
             return loss.compute(fixed, moved, masks=masks, ext=ext if self.spec.ext_negs else None)
         return loss.loss(fixed, moved)
 
+    def _contrastive(self, i1, moved2, i2, moved1, masks12, masks21, e2, e1):
+        """(d12, d21) of CR / mCR, both directions at once (heads and PatchNCE terms batched)."""
+        from .patchnce import bidirectional_terms
+
+        on = self.spec.ext_negs
+        return bidirectional_terms(self.d12, self.d21, i1, moved2, i2, moved1, masks12, masks21,
+                                   e2 if on else None, e1 if on else None)
+
     def __call__(self, i1, i2, moved2, moved1, masks=None, ext=None):
         m = masks or (None, None, None, None)
         e1, e2 = ext if ext is not None else (None, None)
-        d12 = self._term(self.d12, i1, moved2, m[0], m[1], e2)
-        d21 = self._term(self.d21, i2, moved1, m[2], m[3], e1)
+        if self.spec.contrastive:
+            pair = (lambda a, b: None if a is None else (a, b))
+            d12, d21 = self._contrastive(i1, moved2, i2, moved1, pair(m[0], m[1]), pair(m[2], m[3]), e2, e1)
+        else:
+            d12 = self._term(self.d12, i1, moved2, m[0], m[1], e2)
+            d21 = self._term(self.d21, i2, moved1, m[2], m[3], e1)
         out = {"d12": d12, "d21": d21, "sim": 0.5 * (d12 + d21)}
         if self.spec.add_mi:
             mi = 0.5 * (self.mi.loss(i1, moved2) + self.mi.loss(i2, moved1))
