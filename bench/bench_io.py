@@ -71,10 +71,12 @@ def _warp_labels_np(lab, u):
 
 
 def _run_io(fix, mov, spacing, opts, features):
+    from contrareg_tf.config import IO_PRESETS
     from contrareg_tf.instance_opt import instance_optimise
     from contrareg_tf.ops import warp_array as warp
 
-    kw = {}
+    features, _, preset = features.partition("-")        # io-<features>[-<preset>], e.g. io-mindssc-fast
+    kw = IO_PRESETS[preset or opts.get("io_preset") or "paper"].schedule()
     if features == "dns":
         kw["dns_model"] = opts["dns_model"]
     if features == "ae":
@@ -169,12 +171,16 @@ def parse(argv):
     p.add_argument("--max-disp-mm", type=float, default=12.0,
                    help="proxy SVF amplitude in mm (8 voxels at 1.5 mm, as in issue 13's measurements)")
     p.add_argument("--methods", default=None,
-                   help="comma list from io-mindssc, io-mind, io-dns, io-ae, ants, elastix "
-                        "(default: io-mindssc [+io-dns, io-ae when weights are given], ants, elastix)")
+                   help="comma list from io-mindssc, io-mind, io-dns, io-ae (each optionally -<preset>, e.g. "
+                        "io-mindssc-fast), ants, elastix, greedy, niftyreg, convexadam (peers not installed are "
+                        "skipped with a note) (default: io-mindssc [+io-dns, io-ae when weights are given], ants, "
+                        "elastix)")
     p.add_argument("--dns-model", help="MASR-Net weights (3-D .h5) for io-dns")
     p.add_argument("--ae1", help="T1w autoencoder weights for io-ae")
     p.add_argument("--ae2", help="T2w autoencoder weights for io-ae")
-    p.add_argument("--iters", help="IO iterations per level, e.g. 100,80,50 (default Table 4)")
+    p.add_argument("--iters", help="IO iterations per level, e.g. 100,80,50 (default: the preset's)")
+    p.add_argument("--io-preset", default="paper",
+                   help="IO schedule (config.IO_PRESETS) of io-<features> methods without a -<preset> suffix")
     p.add_argument("--threads", type=int, default=2, help="threads for ANTs / elastix (TF uses all cores)")
     p.add_argument("--data-source", default="icbm2009c", help="built-in data: icbm2009c or mni2009a-synth")
     p.add_argument("--cache", default=None, help="proxy cache folder (default: contrareg_tf cache)")
@@ -202,14 +208,32 @@ def _dice_cells(rows):
     return f"{dm.mean():.3f} ± {dm.std():.3f} | " + " | ".join(f"{v:.3f}" for v in per)
 
 
-def _fmt_rows(size, spacing, method, res):
+def _dice30(rows):
+    """Mean Dice of the lowest 30 % of pairs (at least one pair; Learn2Reg's DSC30); '' for one pair."""
+    import numpy as np
+
+    if len(rows) < 2:
+        return ""
+    d = np.sort([r["dice_mean"] for r in rows])
+    return f"{d[:max(1, int(round(0.3 * len(d))))].mean():.3f}"
+
+
+def _fmt_rows(size, spacing, method, res, ants_sec=None):
     import numpy as np
 
     rows = res["rows"]
-    return (f"| {size}³ @ {spacing:g} mm | {method} | {_dice_cells(rows)}"
+    sec = float(np.mean([r["seconds"] for r in rows]))
+    ratio = f"{sec / ants_sec:.2f}" if ants_sec else ""
+    return (f"| {size}³ @ {spacing:g} mm | {method} | {_dice_cells(rows)} | {_dice30(rows)}"
             + f" | {np.mean([r['folds_pct'] for r in rows]):.3f} | {np.mean([r['std_log_jac'] for r in rows]):.3f}"
-            f" | {np.mean([r['seconds'] for r in rows]):.1f} | {res['peak_rss_mb'] / 1024:.2f}"
+            f" | {sec:.1f} | {ratio} | {res['peak_rss_mb'] / 1024:.2f}"
             f" | {min(r['agree'] for r in rows):.4f} |")
+
+
+PEERS_MISSING = {"greedy": "picsl-greedy (pip install picsl-greedy) is not wired into this benchmark yet",
+                 "niftyreg": "NiftyReg (reg_f3d) has no pip package here",
+                 "convexadam": "convexAdam needs PyTorch, not in this environment"}
+IO_FEATURES = ("mindssc", "mind", "dns", "ae")
 
 
 def main(argv=None):
@@ -223,14 +247,26 @@ def main(argv=None):
     from contrareg_tf.data import proxy
     from contrareg_tf.errors import ContraRegInputError
 
+    from contrareg_tf.config import IO_PRESETS
+
     methods = _methods(a)
-    for m in methods:
-        if m not in ("io-mindssc", "io-mind", "io-dns", "io-ae", "ants", "elastix"):
+    if a.io_preset not in IO_PRESETS:
+        raise ContraRegInputError(f"--io-preset: unknown preset {a.io_preset!r}; choose one of {sorted(IO_PRESETS)}")
+    for m in list(methods):
+        feat, _, preset = m[3:].partition("-") if m.startswith("io-") else ("", "", "")
+        if m.startswith("io-") and (feat not in IO_FEATURES or (preset and preset not in IO_PRESETS)):
+            raise ContraRegInputError(f"--methods: unknown method {m!r} (io-<{'|'.join(IO_FEATURES)}>"
+                                      f"[-<{'|'.join(IO_PRESETS)}>])")
+        if not m.startswith("io-") and m not in ("ants", "elastix") and m not in PEERS_MISSING:
             raise ContraRegInputError(f"--methods: unknown method {m!r}")
-    if "io-dns" in methods and not a.dns_model:
-        raise ContraRegInputError("--methods io-dns needs --dns-model")
-    if "io-ae" in methods and not (a.ae1 and a.ae2):
-        raise ContraRegInputError("--methods io-ae needs --ae1 and --ae2")
+        if m in PEERS_MISSING:
+            print(f"# skipped {m}: {PEERS_MISSING[m]}", flush=True)
+            methods.remove(m)
+        if feat == "dns" and not a.dns_model:
+            raise ContraRegInputError(f"--methods {m} needs --dns-model")
+        if feat == "ae" and not (a.ae1 and a.ae2):
+            raise ContraRegInputError(f"--methods {m} needs --ae1 and --ae2")
+    methods.sort(key=lambda m: m != "ants")        # ANTs first: the time ratio column is relative to it
     sizes = []
     for tok in a.sizes.split(","):
         s, sp = tok.split(":")
@@ -238,7 +274,7 @@ def main(argv=None):
     iters = [int(t) for t in a.iters.split(",")] if a.iters else None
 
     cols = (["volume", "method", "Dice mean ± sd"] + list(GROUPS)
-            + ["% folds", "std log\\|J\\|", "s / pair", "peak RSS GB", "agree"])
+            + ["Dice30", "% folds", "std log\\|J\\|", "s / pair", "time / ANTs", "peak RSS GB", "agree"])
     header = "| " + " | ".join(cols) + " |"
     lines = [header, "|" + "---|" * len(cols)]
     print(header, flush=True)
@@ -257,12 +293,13 @@ def main(argv=None):
             before.append(score(flab, mlab, mlab, groups))
             ceil.append(score(flab, mlab, _warp_labels_np(mlab, proxy.true_pair_warp(desc, i, j)), groups))
         for name, rows in (("before registration", before), ("true warp (ceiling)", ceil)):
-            line = f"| {size}³ @ {spacing:g} mm | {name} | {_dice_cells(rows)} | | | | | |"
+            line = f"| {size}³ @ {spacing:g} mm | {name} | {_dice_cells(rows)} | {_dice30(rows)} | | | | | | |"
             lines.append(line)
             print(line, flush=True)
+        ants_sec = None
         for m in methods:
             spec = dict(method=m, desc=desc.source, pairs=pairs, spacing=spacing, threads=a.threads,
-                        dns_model=a.dns_model, ae1=a.ae1, ae2=a.ae2, iters=iters,
+                        dns_model=a.dns_model, ae1=a.ae1, ae2=a.ae2, iters=iters, io_preset=a.io_preset,
                         groups={str(k): v for k, v in groups.items()})
             env = dict(os.environ, PYTHONPATH=ROOT, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(a.threads),
                        OMP_NUM_THREADS=str(a.threads))
@@ -274,7 +311,9 @@ def main(argv=None):
             else:
                 out = json.loads(res[0][7:])
                 raw[f"{size}:{m}"] = out
-                line = _fmt_rows(size, spacing, m, out)
+                if m == "ants":
+                    ants_sec = float(np.mean([r["seconds"] for r in out["rows"]]))
+                line = _fmt_rows(size, spacing, m, out, ants_sec)
             lines.append(line)
             print(line, flush=True)
 
@@ -288,8 +327,12 @@ def main(argv=None):
                 f"Built-in data ({a.data_source}): moving = T1w of subject 2i, fixed = T2w of subject 2i+1; Dice "
                 "over each pair's labels (structures in both maps), per coarse group in the columns; "
                 f"SVF max {a.max_disp_mm:g} mm per subject.  \n"
-                "IO: 3 levels (1/2, 1/√2, 1), Adam lr 1e-2/5e-3/3e-3, iters 100/80/50 unless stated, "
-                "‖∇u‖² weights 0.6/0.5/0.4, descriptors smoothed σ = 1 voxel.  \n"
+                "IO schedules (contrareg_tf.config.IO_PRESETS; io-<features> = --io-preset, io-<features>-<preset> "
+                f"= that preset): {'; '.join(f'{k}: {v.schedule()}' for k, v in IO_PRESETS.items())}"
+                f"{'; iters overridden: ' + a.iters if a.iters else ''}.  \n"
+                "time / ANTs = s / pair over ANTs SyNOnly's s / pair measured in the same run (each method in its "
+                "own worker process, one after the other on the same machine); Dice30 = mean of the lowest 30 % "
+                "of pairs (empty for one pair).  \n"
                 "agree = fraction of voxels where labels warped with our converted displacement equal the tool's "
                 "own nearest-neighbour resampling (IO: vs scipy map_coordinates).\n\n")
         f.write("\n".join(lines) + "\n\n<details><summary>raw per-pair results</summary>\n\n```json\n"

@@ -228,25 +228,28 @@ class IOFileResult(RegistrationResult):
 def instance_opt_files(fixed, moving, features="mindssc", moved_out=None, warp_out=None, inverse_warp_out=None,
                        moving_labels=None, moved_labels_out=None, fixed_labels=None, itk_warp_out=None,
                        affine="none", normalize=True, dns_model=None, ae1=None, ae2=None, moving_modality="t1",
-                       diffeomorphic=False, progress=True, **schedule) -> IOFileResult:
+                       diffeomorphic=False, progress=True, io_preset="paper", **schedule) -> IOFileResult:
     """File-level instance optimisation (``eval_scripts/instance_opt.py``): validate every argument, input and
     output path, load the pair in physical space, optimise on the canonical fixed grid, then write.
-    ``schedule``: ``levels``, ``lrs``, ``iters``, ``reg_weights``, ``smooth_sigma``, ``int_steps``
-    (``instance_opt.instance_optimise``; defaults ``config.IO_PAPER``)."""
+    ``io_preset``: a name of ``config.IO_PRESETS`` ('paper' = Table 4, 'fast'); ``schedule``: explicit
+    overrides of its ``levels``, ``lrs``, ``iters``, ``reg_weights``, ``smooth_sigma``, ``min_scale``,
+    ``max_scale``, ``level_features``, ``sample_stride``, ``grid_step``, ``int_steps``
+    (``instance_opt.instance_optimise``); None values are ignored."""
     import os
 
     from . import metrics
-    from .config import IO_PAPER
+    from .config import IO_PRESETS
     from .data.io import check_output_paths, normalize_intensity
     from .data.physical import load_pair
     from .instance_opt import check_schedule, instance_optimise
 
-    sched = dict(levels=IO_PAPER.levels, lrs=list(IO_PAPER.lrs), iters=list(IO_PAPER.iters),
-                 reg_weights=list(IO_PAPER.reg_weights), smooth_sigma=IO_PAPER.smooth_sigma, int_steps=7)
+    if io_preset not in IO_PRESETS:
+        raise ContraRegInputError(f"--io-preset: unknown preset {io_preset!r}; choose one of {sorted(IO_PRESETS)}")
+    sched = dict(IO_PRESETS[io_preset].schedule(), int_steps=7)
     unknown = set(schedule) - set(sched)
     if unknown:
         raise ContraRegInputError(f"unknown schedule arguments {sorted(unknown)}")
-    sched.update(schedule)
+    sched.update({k: v for k, v in schedule.items() if v is not None})
     if moved_labels_out and not moving_labels:
         raise ContraRegInputError("--moved-labels needs --moving-labels")
     if fixed_labels and not moving_labels:

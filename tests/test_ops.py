@@ -103,6 +103,26 @@ def test_warp_array_matches_scipy_map_coordinates(shape):
         ops.warp_array(img, u, interp="cubic")
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 7, 3), (1, 6, 7, 5, 2)])
+def test_sample_matches_scipy_map_coordinates_at_arbitrary_points(shape):
+    # points anywhere, outside the volume too (border clamped = scipy mode 'nearest'), any point layout
+    rng = np.random.default_rng(3)
+    vol = rand(shape, seed=4)
+    ndim = len(shape) - 2
+    pts = (rng.random((shape[0], 5, 4, ndim)) * 1.4 - 0.2) * (np.array(shape[1:-1]) - 1)
+    got = ops.sample(tf.constant(vol), tf.constant(pts.astype(np.float32))).numpy()
+    for b in range(shape[0]):
+        for c in range(shape[-1]):
+            ref = ndimage.map_coordinates(vol[b, ..., c], np.moveaxis(pts[b], -1, 0), order=1, mode="nearest")
+            np.testing.assert_allclose(got[b, ..., c], ref, atol=1e-5)
+
+
+def test_linear_weights_interpolate_a_linear_function_exactly():
+    m = ops.linear_weights(7, 4)          # align corners: output i sits at input i·3/6
+    np.testing.assert_allclose(m @ np.arange(4.0), np.arange(7) * 3 / 6, atol=1e-6)
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)
+
+
 def test_integrate_of_constant_field_is_the_field():
     v = np.zeros((1, 8, 9, 2), np.float32)
     v[..., 0], v[..., 1] = 1.5, -0.5   # translation: exp(v) = v exactly (border-clamped interpolation inside)

@@ -1,6 +1,8 @@
 """Instance-optimisation registration of one NIfTI pair with MIND-SSC / MIND / DNS / autoencoder features
-(DNS paper Table 4 pyramid: 3 levels, Adam lr 1e-2/5e-3/3e-3, 100/80/50 iterations, ‖∇u‖² weights
-0.6/0.5/0.4; see contrareg_tf/instance_opt.py).
+(default ``--io-preset paper``: the DNS paper's Table 4 pyramid, 3 levels, Adam lr 1e-2/5e-3/3e-3, 100/80/50
+iterations, ‖∇u‖² weights 0.6/0.5/0.4; ``--io-preset fast``: the faster schedule of config.IO_PRESETS;
+explicit --levels/--iters/--lrs/--reg-weights/--smooth-sigma override the preset's values; see
+contrareg_tf/instance_opt.py).
 
     python eval_scripts/instance_opt.py --fixed t2.nii.gz --moving t1.nii.gz --features mindssc \\
         --moved moved.nii.gz --warp warp.nii.gz --moving-labels t1_labels.nii.gz \\
@@ -20,8 +22,7 @@ folding > 20 % of the voxels is written with a ``warning:`` naming the likely ca
 import argparse
 
 from contrareg_tf.cli import add_pair_outputs, console
-from contrareg_tf.instance_opt import (IO_ITERS, IO_LEVELS, IO_LRS, IO_REG_WEIGHTS,
-                                       IO_SMOOTH_SIGMA)
+from contrareg_tf.config import IO_PRESETS
 
 
 def _floats(s):
@@ -50,11 +51,13 @@ def parse(argv):
     p.add_argument("--fixed-labels", help="label map of the fixed image: prints Dice before / after")
     p.add_argument("--diffeomorphic", action="store_true", help="optimise an SVF (scaling and squaring)")
     p.add_argument("--int-steps", type=int, default=7)
-    p.add_argument("--levels", type=int, default=IO_LEVELS, help="pyramid levels, half to full size")
-    p.add_argument("--iters", type=_ints, default=list(IO_ITERS), help="per level, comma-separated")
-    p.add_argument("--lrs", type=_floats, default=list(IO_LRS), help="Adam lr per level, comma-separated")
-    p.add_argument("--reg-weights", type=_floats, default=list(IO_REG_WEIGHTS), help="‖∇u‖² weight per level")
-    p.add_argument("--smooth-sigma", type=float, default=IO_SMOOTH_SIGMA, help="descriptor Gaussian σ (voxels)")
+    p.add_argument("--io-preset", default="paper", choices=sorted(IO_PRESETS),
+                   help="optimisation schedule (config.IO_PRESETS): paper = DNS Table 4 (default), fast")
+    p.add_argument("--levels", type=int, help="pyramid levels (default: the preset's)")
+    p.add_argument("--iters", type=_ints, help="per level, comma-separated (default: the preset's)")
+    p.add_argument("--lrs", type=_floats, help="Adam lr per level, comma-separated (default: the preset's)")
+    p.add_argument("--reg-weights", type=_floats, help="‖∇u‖² weight per level (default: the preset's)")
+    p.add_argument("--smooth-sigma", type=float, help="descriptor Gaussian σ in voxels (default: the preset's)")
     p.add_argument("--no-normalize", action="store_true", help="do not percentile-normalise the images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -69,7 +72,8 @@ def main(argv=None):
         inverse_warp_out=a.inverse_warp, moving_labels=a.moving_labels, moved_labels_out=a.moved_labels,
         fixed_labels=a.fixed_labels, itk_warp_out=a.itk_warp, affine=a.affine, normalize=not a.no_normalize,
         dns_model=a.dns_model, ae1=a.ae1, ae2=a.ae2, moving_modality=a.moving_modality,
-        diffeomorphic=a.diffeomorphic, progress=not a.quiet, levels=a.levels, lrs=a.lrs, iters=a.iters,
+        diffeomorphic=a.diffeomorphic, progress=not a.quiet, io_preset=a.io_preset, levels=a.levels, lrs=a.lrs,
+        iters=a.iters,
         reg_weights=a.reg_weights, smooth_sigma=a.smooth_sigma, int_steps=a.int_steps)
     print(f"features {a.features}: {res.io.seconds:.1f} s, similarity {float(res.io.final_similarity[0]):.4f}, "
           f"folds {res.folds:.3f} %, std log|J| {res.sdlogj:.3f}")
