@@ -110,3 +110,27 @@ def test_l2_normalize_gradient_is_finite_at_zero_and_underflowing_vectors():
         t.watch(x)
         s = tf.reduce_sum(x / (tf.norm(x, axis=-1, keepdims=True) + 1e-7) * c)
     assert not np.isfinite(t.gradient(s, x).numpy()[1]).all()
+
+
+def test_apply_heads_batched_equals_numpy_per_head():
+    """PatchNCE's batched projection (one call per head, deeper Dense layers as one batched matmul over heads,
+    rows of several calls to the same head concatenated) gives each call the numpy head's output."""
+    from contrareg_tf.losses.patchnce import apply_heads
+
+    chans = [4, 6, 8, 6]
+    h1 = heads.build_heads(chans, units=16, name="h1")
+    h2 = heads.build_heads(chans, units=16, name="h2")
+    rng = np.random.default_rng(3)
+    for h in h1 + h2:
+        h.set_weights([w * 30 + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in h.get_weights()])
+    calls = []
+    for k, c in enumerate(chans):
+        n = 5 if k < 3 else 3                      # layer 4: fewer rows → its own group
+        calls += [(h1[k], rng.normal(size=(2, n, c)).astype(np.float32)),
+                  (h2[k], rng.normal(size=(2, n, c)).astype(np.float32)),
+                  (h1[k], rng.normal(size=(2, n, c)).astype(np.float32))]   # 2nd use of h1[k]: rows concatenated
+    got = apply_heads([(h, tf.constant(g)) for h, g in calls])
+    for (h, g), y in zip(calls, got):
+        assert y.shape == (2, g.shape[1], 16)
+        want = _numpy_head(h, g.reshape(-1, g.shape[-1])).reshape(2, g.shape[1], 16)
+        np.testing.assert_allclose(y.numpy(), want, atol=2e-5)
