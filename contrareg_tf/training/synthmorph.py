@@ -22,7 +22,9 @@ or a data set's labels); ``sm-shapes`` — no anatomy: a pool of argmax maps of 
 channels (neurite ``draw_perlin``). Choices the paper leaves open (ours): the pool size and noise scales of
 SM-shapes (``config.SynthMorphConfig``); the U-Net width, depth, learning rate, batch size and iterations
 are the preset's (``ch`` 256 in ``paper-ch256``, the width the paper's SynthMorph rows used), so SynthMorph
-trains with the same optimiser as the other Table-1 methods.
+trains with the same optimiser as the other Table-1 methods (the script's own lr is 1e-4: ``--lr``); the
+integration is SynthMorph's (5 steps at half resolution, ``SynthMorphConfig``) whatever the preset's ``int_steps``
+(ContraReg's ts) is, and the run's ``config.json`` records it.
 
 The image synthesis is training-only: the run folder holds the registration network alone
 (``networks.synthmorph.SynthMorphVxm``, inputs ``[moving, fixed, λ]`` with λ ignored), so ``register.py``,
