@@ -179,14 +179,6 @@ class DNSConfig:
 DNS_PAPER = DNSConfig()
 
 
-def get_preset(name: str) -> Config:
-    """Return the named preset; raises ``ContraRegInputError`` (a ``ValueError``) listing the valid names."""
-    from .errors import ContraRegInputError
-
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ContraRegInputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 # Table 1's external baselines (set B): SynthMorph trained here on synthetic images (voxelmorph 0.2's recipe)
 SYNTHMORPH_METHODS = ("sm-brains", "sm-shapes")
 
@@ -223,3 +215,11 @@ class SynthMorphConfig:
 SM_PAPER = SynthMorphConfig()
 
 
+def get_preset(name: str) -> Config:
+    """Return the named preset; raises ``ContraRegInputError`` (a ``ValueError``) listing the valid names."""
+    from .errors import ContraRegInputError
+
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ContraRegInputError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
