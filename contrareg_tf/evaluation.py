@@ -36,8 +36,7 @@ def _batch_metrics(fixed_labs, moving_labs, flows, label_ids):
     ids = np.asarray(label_ids, np.int64)
     dice, other = np.full((len(flows), len(ids)), np.nan), np.zeros((len(flows), 2))
     for i, (fixed, mov, mv, flow) in enumerate(zip(fixed_labs, moving_labs, moved, flows)):
-        keep = np.isin(ids, metrics.pair_structures(fixed, mov))
-        dice[i, keep] = metrics.dice_per_label(fixed, mv, ids[keep])
+        dice[i] = metrics.structure_dice(fixed, mov, mv, ids)
         jac = metrics.jacobian_determinant(flow)
         other[i] = metrics.folding_fraction(jac), metrics.std_log_jacobian(jac)
     return dice, other
@@ -138,8 +137,7 @@ def group_dice_before(pairs, label_groups):
     ids = sorted(label_groups)
     d = np.full((len(pairs["labels1"]), len(ids)), np.nan)
     for i, (a, b) in enumerate(zip(pairs["labels1"], pairs["labels2"])):
-        keep = np.isin(ids, metrics.pair_structures(a, b))
-        d[i, keep] = metrics.dice_per_label(a, b, np.asarray(ids)[keep])
+        d[i] = metrics.structure_dice(a, b, b, ids)
     cols = structure_columns(d[None], ids, None, label_groups)
     return {k[5:]: float(v[0]) for k, v in cols.items() if k.startswith("dice_")}
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from .atomic import write_json
-from .config import LAMBDAS_17, SYNTHMORPH_METHODS, TABLE1_A, Config
+from .config import FOLD_BUDGET, LAMBDAS_17, SYNTHMORPH_METHODS, TABLE1_A, Config
 from .data.dataset import resolve as resolve_data  # noqa: F401  (data set of a config)
 from .errors import ContraRegInputError
 
@@ -161,7 +161,7 @@ def shipped_autoencoders(cfg):
 # ------------------------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------------------------
-def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budget=0.5, progress=True,
+def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budget=FOLD_BUDGET, progress=True,
                   lambdas=LAMBDAS_17):
     """Evaluate each run over the 17 λ; write ``<method>.csv``, ``table1.md/csv``, ``fig3.png``,
     ``fig2.png``; returns Table 1 as Markdown."""

@@ -177,14 +177,12 @@ def build_training_model(cfg: Config, sm: SynthMorphConfig, label_ids):
 
 def make_train_step(train_model, variables, optimizer, reg_weight, strategy, global_batch):
     """One Adam step on 1 + Dice(m2, m1∘φ) + reg_weight · Grad_l2(u)."""
-    import voxelmorph as vxm
-
-    grad = vxm.losses.Grad("l2", loss_mult=float(reg_weight))
+    from .. import ops
 
     def replica_step(b):
         with tf.GradientTape() as tape:
             pred, map2, flow, _, _ = train_model([b["labels1"], b["labels2"]], training=True)
-            l_reg = grad.loss(None, flow)                        # (B,), already × reg_weight
+            l_reg = float(reg_weight) * ops.grad(flow, "l2")     # (B,): vxm Grad('l2'), the one diffusion term
             l_dice = dice_loss(map2, pred) * tf.ones_like(l_reg)  # batch mean, per sample
             loss = _per_replica_mean(strategy, l_dice + l_reg, global_batch)
         grads = tape.gradient(loss, variables)
