@@ -20,6 +20,9 @@ FOLD_BUDGET = 0.5
 # foreground = intensity above this fraction of the [0, 1] range (mCR's fallback mask without brain masks,
 # register.py's model window); not in the paper
 FOREGROUND_LEVEL = 0.05
+# a subject's brain-mask estimate when its data set has no mask (data.io.foreground_mask): intensity above
+# MASK_LEVEL × its MASK_PERCENTILE-th percentile, holes filled, largest component; not in the paper
+MASK_LEVEL, MASK_PERCENTILE = 0.1, 99.5
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ..atomic import atomic_path
+from ..config import MASK_LEVEL, MASK_PERCENTILE
 from ..errors import ContraRegInputError
 
 NIFTI_EXTS = (".nii.gz", ".nii")
@@ -301,11 +302,12 @@ def uncrop(y, info: CropInfo, fill=0) -> np.ndarray:
 def foreground_mask(x, threshold: Optional[float] = None, fill_holes: bool = True,
                     largest_component: bool = True, require_nonempty: bool = False,
                     name: str = "image") -> np.ndarray:
-    """Binary foreground: ``x > threshold`` (default 10% of the 99.5th percentile), optionally hole-filled
-    and reduced to its largest connected component. ``require_nonempty`` raises on an empty mask."""
+    """Binary foreground: ``x > threshold`` (default ``config.MASK_LEVEL`` = 10 % of the
+    ``config.MASK_PERCENTILE`` = 99.5th percentile), optionally hole-filled and reduced to its largest connected
+    component. ``require_nonempty`` raises on an empty mask."""
     x = np.asarray(x, dtype=np.float32)
     if threshold is None:
-        threshold = 0.1 * float(np.percentile(x, 99.5)) if x.size else 0.0
+        threshold = MASK_LEVEL * float(np.percentile(x, MASK_PERCENTILE)) if x.size else 0.0
     m = x > threshold
     if largest_component and m.any():
         lab, n = ndi.label(m)
