@@ -23,6 +23,8 @@ FOREGROUND_LEVEL = 0.05
 # a subject's brain-mask estimate when its data set has no mask (data.io.foreground_mask): intensity above
 # MASK_LEVEL × its MASK_PERCENTILE-th percentile, holes filled, largest component; not in the paper
 MASK_LEVEL, MASK_PERCENTILE = 0.1, 99.5
+# intensity normalisation of every loaded image to [0, 1] (data.io.normalize_intensity): robust percentiles, clipped
+INTENSITY_PERCENTILES = (0.5, 99.5)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from ..atomic import atomic_path
-from ..config import MASK_LEVEL, MASK_PERCENTILE
+from ..config import INTENSITY_PERCENTILES, MASK_LEVEL, MASK_PERCENTILE
 from ..errors import ContraRegInputError
 
 NIFTI_EXTS = (".nii.gz", ".nii")
@@ -233,7 +233,8 @@ def check_same_shape(a, b, names: Sequence[str] = ("a", "b")):
         raise ContraRegInputError(f"shape mismatch: {na} has shape {xa.shape} but {nb} has shape {xb.shape}")
 
 
-def normalize_intensity(x, mask=None, lo: float = 0.5, hi: float = 99.5) -> np.ndarray:
+def normalize_intensity(x, mask=None, lo: float = INTENSITY_PERCENTILES[0],
+                        hi: float = INTENSITY_PERCENTILES[1]) -> np.ndarray:
     """Map intensities to [0, 1] by robust percentiles (``lo``/``hi``, within ``mask`` if given), clipped.
     A constant image maps to zeros."""
     x = np.asarray(x, dtype=np.float32)
