@@ -364,6 +364,30 @@ def test_cli_writes_outputs_with_fixed_affine(nifti_pair, tmp_path):
     assert float(dice_line[-1]) == pytest.approx(mdice(flab, moved_lab), abs=1e-3)
 
 
+def test_cli_io_preset_fast_with_explicit_override(nifti_pair, tmp_path, capsys, monkeypatch):
+    # --io-preset picks the schedule of config.IO_PRESETS; an explicit --iters overrides only that value
+    from contrareg_tf.config import IO_PRESETS
+
+    seen = {}
+    real = IO.instance_optimise
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(IO, "instance_optimise", spy)
+    p = nifti_pair
+    code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--io-preset", "fast", "--iters",
+                           "7,5", "--warp", str(tmp_path / "w.nii.gz"), "--quiet"], capsys)
+    assert code == 0, err
+    fast = IO_PRESETS["fast"].schedule()
+    assert seen["iters"] == [7, 5]
+    for k in ("levels", "lrs", "reg_weights", "grid_step", "sample_stride", "smooth_sigma", "max_scale"):
+        assert seen[k] == fast[k], k
+    code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--io-preset", "nope"], capsys)
+    assert code == 2 and len(err) == 1 and "nope" in err[0]
+
+
 def _run_main(argv, capsys):
     import instance_opt as script
     from contrareg_tf.cli import run_cli

@@ -51,8 +51,9 @@ def parse(argv):
     p.add_argument("--fixed-labels", help="label map of the fixed image: prints Dice before / after")
     p.add_argument("--diffeomorphic", action="store_true", help="optimise an SVF (scaling and squaring)")
     p.add_argument("--int-steps", type=int, default=7)
-    p.add_argument("--io-preset", default="paper", choices=sorted(IO_PRESETS),
-                   help="optimisation schedule (config.IO_PRESETS): paper = DNS Table 4 (default), fast")
+    p.add_argument("--io-preset", default="paper",
+                   help=f"optimisation schedule, one of {', '.join(IO_PRESETS)} (config.IO_PRESETS): paper = DNS "
+                   "Table 4 (default), fast = 2 levels, control grid, strided sampling")
     p.add_argument("--levels", type=int, help="pyramid levels (default: the preset's)")
     p.add_argument("--iters", type=_ints, help="per level, comma-separated (default: the preset's)")
     p.add_argument("--lrs", type=_floats, help="Adam lr per level, comma-separated (default: the preset's)")
