@@ -154,8 +154,9 @@ IO_PRESETS = {"paper": IO_PAPER}
 # "fast" (not in the paper): Table 4's pyramid cut to 2 levels (1/2, 1), the displacement on a control grid of
 # half the level's size (grid_step 2, convexAdam's grid_sp_adam), each step's similarity on a random-phase
 # stride-2 sub-grid (1/8 of the voxels), no ψ_σ, larger lrs. Measured on the 128³ @ 1.5 mm ICBM 2009c pair
-# (T1w → T2w, 2 shared cores, load ~7): Dice 0.823 (paper schedule 0.857 earlier), 0 % folds, ~31 s vs the
-# paper schedule's several minutes; bench/bench_io.py (io-mindssc-fast) gives the ratio to ANTs SyNOnly.
+# (T1w → T2w, 2 shared cores; bench/results/io_2026-12-07.md, one run): Dice 0.823 vs the paper schedule's
+# 0.811 and ANTs SyNOnly-MI's 0.686, 0 % folds, 39 s = 1.06x ANTs' time (paper schedule 11.5x); a second run
+# at lower load 1.21x. NOT the <= 0.5x ANTs hoped for: full-size MIND-SSC and the 40 full-size steps dominate.
 # Tried and dropped (same pair): reg 0.1 (Dice 0.800), ψ_σ σ = 1 (same Dice, +8 s), stride 4 at full size
 # (0.80), descriptors per level on resampled images (0.72), 3 levels from 1/4 (0.80).
 IO_PRESETS["fast"] = IOConfig(name="fast", levels=2, lrs=(4e-2, 2e-2), iters=(100, 40), reg_weights=(0.6, 0.5),
