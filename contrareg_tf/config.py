@@ -83,7 +83,7 @@ PRESETS = {
     "paper": PAPER,
     # ch=256 runs of Table 1 B (ts=32 default there)
     "paper-ch256": dataclasses.replace(PAPER, name="paper-ch256", ch=256, int_steps=32),
-    # 2-D CPU demo (the README's main job, ≤ 10 min on 2 cores): an axial slice band of the built-in data at
+    # 2-D CPU demo (the README's main job, 12 min on 2 idle cores): an axial slice band of the built-in data at
     # 2.5 mm, 64×80 in-plane; U-Net width 16 with 4 levels, autoencoders at half the paper's widths, batch 2,
     # lr 1e-3, 1400 iterations. Tuned on the earlier mni2009a-synth data (MI at width 32 / 5 levels / batch 4 /
     # 600 its 0.657 vs width 16 / 4 levels / batch 2 / 1200 its 0.672; lr 5e-4 / 1e-3 / 2e-3 / 4e-3 → MI 0.625 /

@@ -1,6 +1,6 @@
 """The main job: reproduce Table 1 / Fig. 3 end to end on the built-in proxy data (or a real data set).
 
-    python eval_scripts/reproduce_table1.py --preset cpu-demo      # ~8.5 min on 2 CPU cores
+    python eval_scripts/reproduce_table1.py --preset cpu-demo      # ~12 min on 2 idle CPU cores
     python eval_scripts/reproduce_table1.py --preset paper --data dhcp.csv   # the paper's setting (GPU)
 
 Builds the proxy data, pretrains (or loads) the two autoencoders, trains the λ-conditioned network for each
