@@ -9,6 +9,10 @@ the name exists), so a reader never sees a half-written lock.
 * A **stale** lock — same host, PID no longer running — is taken over with a ``warning:`` line on stderr.
   A lock from another host cannot be checked from here: it is refused, and the message says to delete the
   file if that run is known to be dead. A lock file that is not valid JSON is refused the same way.
+* Multi-worker training (``--strategy multiworker``): all workers of a run share ``--out``, but only the chief
+  writes into it; the chief holds ``train.lock`` and each other worker a lock of its own task,
+  ``train.lock.worker1`` etc. (:func:`set_worker`, called when the process creates its multi-worker strategy),
+  so a second copy of the same task is refused the same way.
 * Re-entrant within one process: the holder may lock the same folder again (e.g. ``train_hyper.py`` locks
   ``--out`` and ``training.train_hyper`` locks it again); only the outermost release removes the file.
 """
@@ -24,6 +28,18 @@ from .errors import ContraRegInputError
 
 LOCK_NAME = "train.lock"
 _HELD = {}  # lock path -> depth of re-entrant holds in this process
+_WORKER = []  # this process's task in a multi-worker cluster when it is not the chief ("worker1"), else empty
+
+
+def set_worker(task):
+    """This process is the non-chief task ``task`` (e.g. ``"worker1"``) of a multi-worker run: its locks are
+    named ``train.lock.<task>`` from now on (``None``: back to ``train.lock``)."""
+    _WORKER[:] = [task] if task else []
+
+
+def lock_name() -> str:
+    """``train.lock``, or ``train.lock.<task>`` on a non-chief worker of a multi-worker run."""
+    return f"{LOCK_NAME}.{_WORKER[0]}" if _WORKER else LOCK_NAME
 
 
 def _alive(pid: int) -> bool:
@@ -63,7 +79,7 @@ def _create(path: str, info: dict) -> bool:
 def acquire(out_dir, command=None) -> str:
     """Take the lock of ``out_dir`` (created if missing) for this process; returns the lock path."""
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.abspath(os.path.join(out_dir, LOCK_NAME))
+    path = os.path.abspath(os.path.join(out_dir, lock_name()))
     if path in _HELD:
         _HELD[path] += 1
         return path

@@ -13,6 +13,16 @@ Without ``--ae1/--ae2`` a contrastive loss uses the autoencoders shipped for the
 (``models/ae_{t1,t2}_<preset>.h5``). ``--resume`` continues exactly from the last checkpoint.
 ``--out`` is locked while the run lasts (``OUT/train.lock``: holder's PID and host); a second run into the
 same folder exits 2 naming the holder, and a stale lock (dead PID on this host) is taken over with a warning.
+
+``--strategy multiworker``: ``tf.distribute.MultiWorkerMirroredStrategy``, cluster and task from ``TF_CONFIG``;
+start the same command once per task (same ``--out``, a folder every worker can read). ``--batch-size`` is the
+global batch, split over the workers; the chief (task ``chief``, or ``worker`` 0) alone writes ``--out``, and
+``--resume`` restarts every worker from the chief's checkpoint. Two workers on one machine:
+
+    TF_CONFIG='{"cluster":{"worker":["127.0.0.1:12345","127.0.0.1:12346"]},"task":{"type":"worker","index":0}}' \
+        python train_scripts/train_hyper.py --loss mi --preset tiny2d --strategy multiworker --out runs/mw &
+    TF_CONFIG='{"cluster":{"worker":["127.0.0.1:12345","127.0.0.1:12346"]},"task":{"type":"worker","index":1}}' \
+        python train_scripts/train_hyper.py --loss mi --preset tiny2d --strategy multiworker --out runs/mw
 """
 import argparse
 import dataclasses
@@ -67,6 +77,10 @@ def main(argv=None):
                                   ckpt_every=args.ckpt_every, seed=args.seed).items() if v is not None}
     cfg = dataclasses.replace(cfg, **over)
     command = " ".join(sys.argv)
+    if args.strategy == "multiworker":
+        # TF configures the collectives at program start-up, and the task names this worker's lock
+        from contrareg_tf.training.loop import get_strategy
+        get_strategy("multiworker")
     with out_dir_lock(args.out, command):  # before the data are built: a second run stops at once
         _train(args, cfg, command)
     print(f"done: {args.out}")

@@ -5,14 +5,29 @@ random numbers.
 (weights + optimizer moments + step + RNG state) every ``ckpt_every`` steps, exact resume, and a hard stop on a
 NaN/Inf loss that keeps the last good checkpoint (``TrainingDiverged``).
 
+Multi-worker training (``MultiWorkerMirroredStrategy``, cluster and task from ``TF_CONFIG``) follows TF's
+multi-worker custom-loop guide: every worker runs every step, reduction and checkpoint save (in lock-step, so no
+collective is left waiting), but only the chief (task ``chief``, or ``worker`` 0 when the cluster has no chief:
+``strategy.extended.should_checkpoint``) writes into the output folder — checkpoints, TensorBoard and, in the
+trainers, ``config.json``/``model.h5``/``card.json``. The other workers save their checkpoints into a temporary
+folder of their own, deleted at the end, and on ``--resume`` every worker restores the chief's latest checkpoint
+(``OUT/ckpt``: a folder all workers can read). Every worker draws the same global batch (a pure function of
+``(seed, step)``) and keeps its replicas' slice of it (``_distribute``), so N steps on W workers with global
+batch B give the weights of N single-process steps with batch B (up to float summation order), for losses
+without in-graph random draws; PatchNCE's sampled locations come from the checkpointed generator, which TF
+splits into one stream per replica, so there the runs agree in distribution only.
+
 Exact resume: every random choice of a step (which subjects form the pair, λ ~ U[0,1], augmentation, sampled
 locations) is a pure function of ``(seed, step, stream)`` (:func:`step_rng`, defined in ``rng.py``), and in-graph
 random draws come from a checkpointed ``tf.random.Generator``, so a resumed run draws exactly what the
 uninterrupted run would have drawn. (``tf.random.set_seed`` per step would also do it, but it clears TF's kernel
 caches: 10× slower.)
 """
+import json
 import math
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -24,15 +39,72 @@ from ..rng import step_rng  # noqa: F401  (lives in rng.py so data/ can use it; 
 # --------------------------------------------------------------------------------------------------------------
 # distribution, precision
 # --------------------------------------------------------------------------------------------------------------
+_MULTIWORKER = []  # the process's one MultiWorkerMirroredStrategy (collectives are configured once per process)
+
+
 def get_strategy(name="default"):
-    """``default`` | ``mirrored`` (all local GPUs, or CPUs when none) | ``multiworker`` (TF_CONFIG)."""
+    """``default`` | ``mirrored`` (all local GPUs, or CPUs when none) | ``multiworker`` (cluster and task from
+    ``TF_CONFIG``; one per process, created before TF runs anything else — TF configures the collectives at
+    program start-up — and returned again on later calls). A non-chief worker's ``train.lock`` is named after
+    its task (``lock.set_worker``), so all workers of one run can share ``--out``."""
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        if not _MULTIWORKER:
+            from .. import lock
+
+            _check_tf_config()
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+            if not is_chief(strategy):
+                lock.set_worker(worker_name(strategy))
+            _MULTIWORKER.append(strategy)
+        return _MULTIWORKER[0]
     raise ContraRegInputError(f"unknown strategy {name!r}; choose default, mirrored or multiworker")
+
+
+def _check_tf_config():
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return  # MultiWorkerMirroredStrategy then trains on this machine alone
+    try:
+        conf = json.loads(raw)
+        task = conf["task"]
+        cluster = conf["cluster"]
+        ok = isinstance(cluster, dict) and task["type"] in cluster and 0 <= int(task["index"]) < len(
+            cluster[task["type"]])
+    except (ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise ContraRegInputError('TF_CONFIG: expected JSON {"cluster": {"worker": ["host:port", ...]}, '
+                                  f'"task": {{"type": "worker", "index": i}}}} naming a task of the cluster, got '
+                                  f'{raw!r}')
+
+
+def is_chief(strategy):
+    """Whether this process writes the run's files: always, except on the non-chief workers of a multi-worker
+    strategy (TF's own rule: task ``chief``, or ``worker`` 0 when the cluster has none)."""
+    try:
+        return bool(strategy.extended.should_checkpoint)
+    except NotImplementedError:
+        return True
+
+
+def worker_name(strategy):
+    """``worker1`` etc. for a task of a multi-worker cluster; None outside one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or resolver.task_type is None:
+        return None
+    return f"{resolver.task_type}{resolver.task_id}"
+
+
+def _on_any_worker(strategy, flag):
+    """``flag`` OR-ed over the workers of a multi-worker strategy (so that they all stop at the same step)."""
+    if worker_name(strategy) is None:
+        return flag
+    ones = strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(float(flag)))
+    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, ones, axis=None)) > 0
 
 
 def set_mixed_precision(enabled):
@@ -62,21 +134,44 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
     """Run ``step_fn(batch) -> dict of scalar tensors`` (must contain ``'loss'``) from the checkpoint's step
     to ``iters``. Returns the history (list of dicts); raises ``TrainingDiverged`` on a NaN/Inf loss.
     ``out_dir=None``: no checkpoints, no TensorBoard (nothing written). ``max_seconds``: stop after the step
-    that crosses this wall time (checkpointed)."""
+    that crosses this wall time (checkpointed). A non-chief worker of a multi-worker strategy writes nothing
+    into ``out_dir``: its checkpoints go to a temporary folder (removed on return); it resumes from the chief's."""
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = is_chief(strategy)
+    manager = writer = ckpt_dir = None
+    own_dir = None  # a non-chief worker's temporary checkpoint folder
+    if out_dir is not None:
+        ckpt_dir = os.path.join(out_dir, "ckpt")
+        if chief:
+            manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=3)
+            writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
+        else:
+            own_dir = tempfile.mkdtemp(prefix=f"contrareg_ckpt_{worker_name(strategy)}_")
+            manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=1)
+    try:
+        return _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, strategy, resume,
+                    progress, desc, log_every, max_seconds, chief)
+    finally:
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, strategy, resume, progress, desc,
+         log_every, max_seconds, chief):
     import time
 
     from tqdm.auto import tqdm
 
-    strategy = strategy or tf.distribute.get_strategy()
-    manager = writer = None
-    if out_dir is not None:
-        manager = tf.train.CheckpointManager(ckpt, os.path.join(out_dir, "ckpt"), max_to_keep=3)
-        writer = tf.summary.create_file_writer(os.path.join(out_dir, "tb"))
-    if resume and manager is not None and manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    def chief_latest():
+        if manager is None:
+            return None
+        return manager.latest_checkpoint if chief else tf.train.latest_checkpoint(ckpt_dir)
+
+    latest = chief_latest() if resume else None
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
     elif resume:
-        where = os.path.join(out_dir, "ckpt") if out_dir is not None else "(no output folder)"
-        raise ContraRegInputError(f"--resume: no checkpoint found in {where}")
+        raise ContraRegInputError(f"--resume: no checkpoint found in {ckpt_dir or '(no output folder)'}")
     start = int(ckpt.step.numpy())
     t0 = time.time()
     history = []
@@ -92,14 +187,13 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
                 raise
             terms = {"loss": float("nan")}
         if not all(math.isfinite(v) for v in terms.values()):
-            last = (manager.latest_checkpoint if manager is not None else None) or \
-                "none (no checkpoint was written yet)"
+            last = chief_latest() or "none (no checkpoint was written yet)"
             bar.close()
             raise TrainingDiverged(f"non-finite loss at step {step} ({terms}); stopped. Last good checkpoint "
                                    f"kept: {last}")
         ckpt.step.assign(step + 1)
         history.append({"step": step + 1, **terms})
-        timeout = max_seconds is not None and time.time() - t0 > max_seconds
+        timeout = max_seconds is not None and _on_any_worker(strategy, time.time() - t0 > max_seconds)
         if (step + 1) % log_every == 0:
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()})
             if writer is not None:

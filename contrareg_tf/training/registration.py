@@ -12,7 +12,7 @@ from ..config import Config
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
 from ..data.pairs import PairSampler
-from .loop import _per_replica_mean, _reduce_terms, get_strategy, run_loop, set_mixed_precision
+from .loop import _per_replica_mean, _reduce_terms, get_strategy, is_chief, run_loop, set_mixed_precision
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -91,9 +91,13 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
     rand_ae, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model, progress,
-    reg_penalty, command. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused)."""
+    reg_penalty, command. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
+    ``strategy="multiworker"``: every worker of the ``TF_CONFIG`` cluster calls this with the same arguments and
+    ``out_dir``; only the chief writes into it (``loop.run_loop``)."""
     from ..lock import out_dir_lock
 
+    if kwargs.get("strategy") == "multiworker":
+        get_strategy("multiworker")  # first: it names this worker's lock (train.lock on the chief only)
     with out_dir_lock(out_dir, kwargs.get("command")):
         return _train_hyper(cfg, loss_name, out_dir, train_arrays, **kwargs)
 
@@ -167,14 +171,17 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
     spacing = data_spacing(train_arrays, len(cfg.inshape))
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
-    write_json(os.path.join(out_dir, "config.json"), meta)
+    chief = is_chief(s.strategy)  # multi-worker: the other workers train in lock-step but write nothing here
+    if chief:
+        write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
     history = run_loop(s.step, s.sampler.batch, s.ckpt, out_dir, iters, cfg.ckpt_every, s.strategy, resume,
                        progress, desc=f"train {loss_name}")
     elapsed = time.time() - t0
-    save_trained(out_dir, model, heads1, heads2)
-    card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
-                final=history[-1] if history else None,
-                sec_per_step=round(elapsed / max(1, len(history)), 4))
-    write_json(os.path.join(out_dir, "card.json"), card)
+    if chief:
+        save_trained(out_dir, model, heads1, heads2)
+        card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
+                    final=history[-1] if history else None,
+                    sec_per_step=round(elapsed / max(1, len(history)), 4))
+        write_json(os.path.join(out_dir, "card.json"), card)
     return history
