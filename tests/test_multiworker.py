@@ -77,15 +77,22 @@ def _assert_same_weights(run, ref):
 
 @pytest.mark.slow
 def test_two_workers_match_single_process_and_resume_from_chief(tmp_path, monkeypatch):
-    from contrareg_tf import experiment
+    from contrareg_tf import experiment, runs
+    from contrareg_tf.training.loop import run_loop
+    from contrareg_tf.training.registration import setup_registration
 
     monkeypatch.setenv("CONTRAREG_CACHE", str(tmp_path / "cache"))   # built once here, read by the workers
     monkeypatch.delenv("TF_CONFIG", raising=False)
     cfg = get_preset("tiny2d")
+    # the reference: one uninterrupted single-process run, global batch 2, weights saved after N and N + 2 steps
+    arrays = experiment.split_arrays(experiment.resolve_data(cfg, None), "train", cfg)
+    s = setup_registration(cfg, "mi", arrays, batch_size=2)
     refs = {}
-    for n in (STEPS, STEPS + MORE):   # uninterrupted single-process runs, global batch 2
+    for n in (STEPS, STEPS + MORE):
+        run_loop(s.step, s.sampler.batch, s.ckpt, None, n, cfg.ckpt_every, s.strategy, progress=False)
         refs[n] = str(tmp_path / f"single{n}")
-        experiment.train_method(cfg, "mi", refs[n], iters=n, batch_size=2, progress=False)
+        os.makedirs(refs[n])
+        runs.save_trained(refs[n], s.model)
 
     out = str(tmp_path / "mw")
     codes, errs = _run_workers(out, STEPS, tmp_path)
