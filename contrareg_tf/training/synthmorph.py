@@ -45,7 +45,7 @@ from ..atomic import write_json
 from ..config import SM_PAPER, SYNTHMORPH_METHODS, Config, SynthMorphConfig
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
-from .loop import _per_replica_mean, _reduce_terms, get_strategy, run_loop, step_rng
+from .loop import _per_replica_mean, _reduce_terms, get_strategy, is_chief, run_loop, step_rng
 
 __all__ = ["METHODS", "is_synthmorph", "brain_label_maps", "shape_label_maps", "method_label_maps",
            "LabelMapSampler", "dice_loss", "build_training_model", "train_synthmorph"]
@@ -250,14 +250,15 @@ def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, 
     spacing = data_spacing(train_arrays, len(cfg.inshape)) if train_arrays is not None else None
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
-    if out_dir is not None:
+    chief = is_chief(strat)   # multi-worker: the other workers train in lock-step but write nothing here
+    if out_dir is not None and chief:
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
     history = run_loop(step, sampler.batch, ckpt, out_dir, iters, cfg.ckpt_every, strat, resume, progress,
                        desc=f"train {method}")
     elapsed = time.time() - t0
-    if out_dir is None:
+    if out_dir is None or not chief:
         return history
     model = copy_weights(core, SynthMorphVxm(cfg_run, sm))
     save_trained(out_dir, model)
