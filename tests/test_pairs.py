@@ -139,10 +139,6 @@ def test_sampler_training_draws_bit_identical_to_old_rule(n, B):
     assert training.PairSampler is pairs.PairSampler
 
 
-def _take(ds_, n):
-    return [{k: v.numpy() for k, v in b.items()} for b in ds_.take(n)]
-
-
 def test_pair_dataset_shapes_dtypes_and_content(synth):
     desc, raw = synth
     B = 3
