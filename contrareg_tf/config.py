@@ -6,7 +6,7 @@ take theirs from ``get_preset(name)``. A preset never changes a default silently
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 # 17 test-time λ values: dense in [0, 0.2), sparse in [0.2, 1.0] (paper §2 "Hypernetwork optimization").
 # The paper does not list them; these are ours: 0.0–0.175 step 0.025 (8 values, all Table 1 optima of the
@@ -219,6 +219,119 @@ class SynthMorphConfig:
 
 
 SM_PAPER = SynthMorphConfig()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Table 1 (every row) and Fig. 3's fourth column
+# --------------------------------------------------------------------------------------------------------------
+# Fig. 3 col. 4 (validation Dice vs training step): the paper does not say at which λ; ours: λ = 0.1 (inside
+# the range of Table 1's optima), on VAL_CURVE_PAIRS fixed validation pairs, at every checkpoint
+VAL_CURVE_LAMBDA = 0.1
+VAL_CURVE_PAIRS = 4
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    """One row of the paper's Table 1 (Dey et al. 2022) and how it is reproduced here: ``method`` (a
+    ``--loss`` name or a SynthMorph baseline), ``wide`` (width 256 in the paper: the preset's wide companion,
+    :func:`wide_preset`), ``int_steps`` (set D), ``sup_pretrain`` / ``rand_ae`` (set C). ``paper`` = the
+    paper's (opt. λ, Dice, Dice30, % folds, Sdlog|J|), λ None for SynthMorph; None for rows not in the paper."""
+    set: str
+    label: str
+    method: str
+    wide: bool = False
+    int_steps: Optional[int] = None
+    sup_pretrain: bool = False
+    rand_ae: bool = False
+    paper: Optional[Tuple[Optional[float], float, float, float, float]] = None
+
+
+TABLE1_ROWS = (
+    Table1Row("A", "NGF", "ngf", paper=(0.0, 0.696, 0.686, 0.141, 0.072)),
+    Table1Row("A", "MI", "mi", paper=(0.175, 0.748, 0.739, 0.461, 0.089)),
+    Table1Row("A", "LocalMI", "lmi", paper=(0.125, 0.745, 0.737, 0.402, 0.083)),
+    Table1Row("A", "MIND", "mind", paper=(0.3, 0.726, 0.716, 0.258, 0.079)),
+    Table1Row("A", "CR", "cr", paper=(0.05, 0.776, 0.768, 0.451, 0.083)),
+    Table1Row("A", "mCR", "mcr", paper=(0.125, 0.781, 0.774, 0.475, 0.084)),
+    Table1Row("B", "SM-brains", "sm-brains", wide=True, paper=(None, 0.755, 0.749, 0.023, 0.048)),
+    Table1Row("B", "SM-shapes", "sm-shapes", wide=True, paper=(None, 0.721, 0.715, 0.017, 0.056)),
+    Table1Row("B", "MI", "mi", wide=True, paper=(0.2, 0.759, 0.750, 0.487, 0.090)),
+    Table1Row("B", "CR", "cr", wide=True, paper=(0.075, 0.774, 0.765, 0.315, 0.078)),
+    Table1Row("B", "mCR", "mcr", wide=True, paper=(0.15, 0.780, 0.773, 0.416, 0.082)),
+    Table1Row("C", "CR+MI", "cr+mi", paper=(0.3, 0.751, 0.742, 0.246, 0.080)),
+    Table1Row("C", "CR+ExtNegs", "cr+extnegs", paper=(0.05, 0.764, 0.756, 0.489, 0.085)),
+    Table1Row("C", "CR+MI+ExtNegs", "cr+mi+extnegs", paper=(0.3, 0.747, 0.739, 0.214, 0.078)),
+    Table1Row("C", "CR+SupPretrain", "cr", sup_pretrain=True, paper=(0.025, 0.778, 0.770, 0.465, 0.084)),
+    Table1Row("C", "mCR+SupPretrain", "mcr", sup_pretrain=True, paper=(0.075, 0.778, 0.770, 0.406, 0.081)),
+    # the paper prints Sdlog|J| 0.80 for this row, evidently 0.080 (every other row lies in 0.048–0.090)
+    Table1Row("C", "mCR+RandAE", "mcr", rand_ae=True, paper=(0.1, 0.778, 0.770, 0.393, 0.080)),
+    Table1Row("D", "CR (10 int. steps)", "cr", wide=True, int_steps=10, paper=(0.075, 0.773, 0.764, 0.341, 0.079)),
+    Table1Row("D", "CR (16 int. steps)", "cr", wide=True, int_steps=16, paper=(0.05, 0.779, 0.772, 0.462, 0.083)),
+    Table1Row("D", "CR (32 int. steps)", "cr", wide=True, int_steps=32, paper=(0.075, 0.774, 0.765, 0.315, 0.078)),
+    # not in the paper: the two other seed methods (CoRe, Kats et al.; ACCR, the review's proposal) and ACCR's
+    # ablation without its cross-modal attention block
+    Table1Row("extra", "CoRe", "core"),
+    Table1Row("extra", "ACCR", "accr"),
+    Table1Row("extra", "ACCR w/o attention", "accr-noattn"),
+)
+TABLE1_SETS = ("A", "B", "C", "D", "extra")
+
+# the width-256 companion of each preset (sets B and D; ts = 32 as in the paper's B rows, which equal D3): the
+# paper's is paper-ch256; a CPU preset's is its U-Net ×WIDE_FACTOR (not 16×: a 2-D cpu-demo step at ch 256
+# would take longer than the whole main job)
+WIDE_FACTOR = 4
+WIDE_INT_STEPS = 32
+
+
+def wide_preset(cfg: "Config") -> "Config":
+    """The set-B/D companion of ``cfg``: ``paper-ch256`` for the paper, else ch × WIDE_FACTOR, ts 32."""
+    if cfg.name == "paper":
+        return PRESETS["paper-ch256"]
+    if cfg.name.endswith("-wide") or cfg.name == "paper-ch256":
+        return cfg
+    return dataclasses.replace(cfg, name=f"{cfg.name}-wide", ch=cfg.ch * WIDE_FACTOR, int_steps=WIDE_INT_STEPS)
+
+
+for _name in ("cpu-demo", "cpu-bench", "small3d", "tiny2d", "tiny3d"):
+    PRESETS[f"{_name}-wide"] = wide_preset(PRESETS[_name])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CoRe and ACCR (the "extra" rows)
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoReConfig:
+    """CoRe (Kats et al.): a feature encoder trained jointly with the registration network; similarity of
+    encoder features of fixed and moved image + the equivariance InfoNCE (τ = 0.1, weight 1, 1000–4000
+    sampled locations in the paper). Fields not stated by the paper are ours (losses/core.py says which)."""
+    alpha: float = 1.0                     # α on L_sim in α(1−λ)·L_sim + λ·L_reg
+    widths: Tuple[int, ...] = (16, 32, 32, 32)
+    feat_channels: int = 16
+    num_samples: int = 2048
+    tau: float = 0.1
+    equiv_weight: float = 1.0
+    shared_encoder: bool = False
+
+
+CORE = CoReConfig()
+
+
+@dataclass(frozen=True)
+class ACCRConfig:
+    """ACCR (the review's proposed anatomy-aware cross-modal contrastive registration; our reading, see
+    losses/accr.py): dual encoders with shared early layers, cross-modal attention, anatomy-aware PatchNCE,
+    structural self-similarity."""
+    alpha: float = 1.0
+    widths: Tuple[int, ...] = (16, 32, 32)
+    shared_layers: int = 1
+    feat_channels: int = 16
+    attn_channels: int = 16
+    num_patches: int = 256
+    tau: float = 0.07
+    ssim_weight: float = 1.0
+
+
+ACCR = ACCRConfig()
 
 
 def get_preset(name: str) -> Config:

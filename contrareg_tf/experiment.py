@@ -139,7 +139,8 @@ def train_method(cfg, loss, out, data=None, **kw):
             kw["ae1"], kw["ae2"] = shipped
     desc = resolve_data(cfg, data)
     arr = split_arrays(desc, "train", cfg)
-    return train_hyper(cfg, loss, out, {k: arr[k] for k in ("t1", "t2", "mask1", "mask2", "affines")}, **kw)
+    return train_hyper(cfg, loss, out, {k: arr[k] for k in ("t1", "t2", "mask1", "mask2", "labels", "affines")},
+                       **kw)
 
 
 def shipped_autoencoders(cfg):

@@ -12,11 +12,15 @@ def test_every_loss_name_parses_to_its_flags():
     seen = set()
     for name in LOSS_NAMES:
         s = LossSpec.parse(name)
-        assert s.name == name and s.base in ("mcr", "cr", "mi", "lmi", "mind", "ngf", "dns")
+        assert s.name == name and s.base in ("mcr", "cr", "mi", "lmi", "mind", "ngf", "dns", "core", "accr",
+                                             "accr-noattn")
         assert s.add_mi == ("+mi" in name) and s.ext_negs == s.needs_ext == ("+extnegs" in name)
         assert s.contrastive == (s.base in ("cr", "mcr"))
         assert s.masked == s.needs_masks == (s.base == "mcr")
-        assert s.alpha(PAPER) == (PAPER.alpha_contrastive if s.contrastive else 1.0)
+        assert s.joint == (s.base in ("core", "accr", "accr-noattn"))
+        assert s.needs_labels == s.base.startswith("accr")
+        if not s.joint:
+            assert s.alpha(PAPER) == (PAPER.alpha_contrastive if s.contrastive else 1.0)
         seen.add(s)
     assert len(seen) == len(LOSS_NAMES)          # frozen, hashable, distinct
     assert LossSpec.parse(" MCR+ExtNegs ") == LossSpec.parse("mcr+extnegs")

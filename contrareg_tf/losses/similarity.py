@@ -14,10 +14,15 @@ import dataclasses
 from ..config import PAPER
 from ..errors import ContraRegInputError
 
-# the --loss names: Table 1's set A (mcr, cr, mi, lmi, mind, ngf), set C (+mi, +extnegs) and DNS
+# the --loss names: Table 1's set A (mcr, cr, mi, lmi, mind, ngf), set C (+mi, +extnegs), DNS, and the two
+# jointly trained representations: CoRe (Kats et al.) and ACCR (the review's proposal; accr-noattn = its ablation
+# without the cross-modal attention block)
 LOSS_NAMES = ("mcr", "cr", "mi", "lmi", "mind", "ngf", "cr+mi", "cr+extnegs", "cr+mi+extnegs",
-              "mcr+mi", "mcr+extnegs", "dns")
+              "mcr+mi", "mcr+extnegs", "dns", "core", "accr", "accr-noattn")
 CONTRASTIVE = ("cr", "mcr")
+# similarities whose feature networks are trained jointly with the registration network (their own weights,
+# no autoencoders): the JointSimilarity protocol below
+JOINT = ("core", "accr", "accr-noattn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +58,29 @@ class LossSpec:
     needs_masks = masked
 
     @property
+    def joint(self) -> bool:
+        """CoRe / ACCR: a feature network trained with the registration network (:class:`JointSimilarity`)."""
+        return self.base in JOINT
+
+    @property
+    def needs_labels(self) -> bool:
+        """ACCR: training batches carry the label maps (``labels1``/``labels2``) for its anatomy-aware negatives."""
+        return self.base in ("accr", "accr-noattn")
+
+    @property
     def needs_ext(self) -> bool:
         """ExtNegs: every batch also carries another subject's T1w and T2w."""
         return self.ext_negs
 
     def alpha(self, cfg=PAPER) -> float:
-        """α on L_sim: ``cfg.alpha_contrastive`` (0.1) for CR / mCR and their variants, else 1.0."""
-        return cfg.alpha_contrastive if self.contrastive else 1.0
+        """α on L_sim: ``cfg.alpha_contrastive`` (0.1) for CR / mCR and their variants, the method's own
+        ``alpha`` for CoRe / ACCR (``config.CORE`` / ``config.ACCR``), else 1.0."""
+        if self.contrastive:
+            return cfg.alpha_contrastive
+        if self.joint:
+            from .. import config
+            return (config.CORE if self.base == "core" else config.ACCR).alpha
+        return 1.0
 
 
 def is_contrastive(name) -> bool:
@@ -108,7 +129,39 @@ def _dns(cfg, ae1, ae2, heads1, heads2, dns_model, *_):
     return DNS(dns_model)      # a MASR-Net model or .h5 path; None = the shipped weights for this ndim
 
 
-_REGISTRY = {"cr": _patchnce, "mcr": _patchnce, "mi": _symmetric(_mi), "lmi": _symmetric(_lmi),
+class JointSimilarity:
+    """Protocol of a jointly trained similarity (CoRe, ACCR): one object serves both directions.
+
+    - ``trainable_variables``: its feature network's weights (optimised with the registration network);
+    - ``checkpoint_items()``: dict name -> trackable, added to the training checkpoint (exact resume);
+    - ``pair_terms(batch, moved2, moved1, pos_flow, neg_flow) -> (d12, d21)``: per-sample (B,) terms for a
+      training batch (``img1``, ``img2``; ``labels1``/``labels2`` int32 (B, *shape, 1) when the spec
+      ``needs_labels``); ``pos_flow`` warps subject b's T2w onto a's T1w (moved2), ``neg_flow`` the reverse.
+      The flows may be None (then terms that need them are left out)."""
+    trainable_variables = ()
+
+    def checkpoint_items(self):
+        return {}
+
+    def pair_terms(self, batch, moved2, moved1, pos_flow=None, neg_flow=None):
+        raise NotImplementedError
+
+
+def _core(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
+    from .core import build_core
+    obj = build_core(cfg, rng=seed)
+    return obj, obj
+
+
+def _accr(attention):
+    def build(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
+        from .accr import build_accr
+        obj = build_accr(cfg, attention=attention, rng=seed)
+        return obj, obj
+    return build
+
+
+_REGISTRY = {"core": _core, "accr": _accr(True), "accr-noattn": _accr(False), "cr": _patchnce, "mcr": _patchnce, "mi": _symmetric(_mi), "lmi": _symmetric(_lmi),
              "mind": _symmetric(_mind), "ngf": _symmetric(_ngf), "dns": _symmetric(_dns)}
 
 
@@ -130,7 +183,8 @@ class BidirSimilarity:
     def __init__(self, name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None, seed=None):
         self.spec = LossSpec.parse(name)
         self.name = self.spec.name
-        self.heads = [h for h in (heads1 or []) + (heads2 or [])]
+        self.heads1, self.heads2 = list(heads1 or []), list(heads2 or [])
+        self.heads = self.heads1 + self.heads2
         self.d12, self.d21 = _REGISTRY[self.spec.base](cfg, ae1, ae2, heads1, heads2, dns_model,
                                                        self.spec.masked, seed)
         if self.spec.add_mi:
@@ -144,7 +198,17 @@ class BidirSimilarity:
 
     @property
     def trainable_variables(self):
-        return [v for h in self.heads for v in h.trainable_variables]
+        own = list(self.d12.trainable_variables) if self.spec.joint else []
+        return [v for h in self.heads for v in h.trainable_variables] + own
+
+    def checkpoint_items(self):
+        """Trackables besides the model and optimiser that the training checkpoint must hold."""
+        items = {}
+        for side, heads in (("heads1", self.heads1), ("heads2", self.heads2)):
+            items.update({f"{side}_{k}": h for k, h in enumerate(heads)})
+        if self.spec.joint:
+            items.update(self.d12.checkpoint_items())
+        return items
 
     def _term(self, loss, fixed, moved, mask_f=None, mask_m=None, ext=None):
         if self.spec.contrastive:
@@ -163,7 +227,9 @@ class BidirSimilarity:
     def __call__(self, i1, i2, moved2, moved1, masks=None, ext=None):
         m = masks or (None, None, None, None)
         e1, e2 = ext if ext is not None else (None, None)
-        if self.spec.contrastive:
+        if self.spec.joint:
+            d12, d21 = self.d12.pair_terms({"img1": i1, "img2": i2}, moved2, moved1)
+        elif self.spec.contrastive:
             pair = (lambda a, b: None if a is None else (a, b))
             d12, d21 = self._contrastive(i1, moved2, i2, moved1, pair(m[0], m[1]), pair(m[2], m[3]), e2, e1)
         else:
@@ -187,6 +253,9 @@ class BidirSimilarity:
             wm2 = tf.cast(self._warp_mask([batch["mask2"], pos_flow]) > 0.5, tf.float32)
             wm1 = tf.cast(self._warp_mask([batch["mask1"], neg_flow]) > 0.5, tf.float32)
             masks = (batch["mask1"], wm2, batch["mask2"], wm1)
+        if self.spec.joint:
+            d12, d21 = self.d12.pair_terms(batch, moved2, moved1, pos_flow, neg_flow)
+            return {"d12": d12, "d21": d21, "sim": 0.5 * (d12 + d21)}
         ext = (batch["ext1"], batch["ext2"]) if self.spec.ext_negs else None
         return self(batch["img1"], batch["img2"], moved2, moved1, masks=masks, ext=ext)
 

@@ -142,16 +142,17 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
         optimizer = tf.keras.optimizers.Adam(lr)
         optimizer.build(model.trainable_variables + sim.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
-        objs = {"model": model, "optimizer": optimizer, "step": step_var, "rng": rng}
-        if heads1 is not None:
-            objs.update({f"heads1_{k}": h for k, h in enumerate(heads1)})
-            objs.update({f"heads2_{k}": h for k, h in enumerate(heads2)})
+        objs = {"model": model, "optimizer": optimizer, "step": step_var, "rng": rng, **sim.checkpoint_items()}
         ckpt = tf.train.Checkpoint(**objs)
         reg = velocity_regulariser(reg_penalty or cfg.reg_penalty)
         step = make_train_step(model, sim, reg, spec.alpha(cfg), optimizer, strat,
                                global_batch=batch_size, jit=xla)
+    if spec.needs_labels and train_arrays.get("labels") is None:
+        raise ContraRegInputError(f"loss {loss_name!r} needs label maps of the training subjects")
     sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
-                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext)
+                          train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext,
+                          labels=train_arrays.get("labels") if spec.needs_labels else None,
+                          with_labels=spec.needs_labels)
     return RegistrationSetup(model, heads1, heads2, sim, optimizer, ckpt, step, sampler, strat, lr, batch_size)
 
 
