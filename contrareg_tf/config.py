@@ -318,17 +318,24 @@ CORE = CoReConfig()
 
 @dataclass(frozen=True)
 class ACCRConfig:
-    """ACCR (the review's proposed anatomy-aware cross-modal contrastive registration; our reading, see
-    losses/accr.py): dual encoders with shared early layers, cross-modal attention, anatomy-aware PatchNCE,
-    structural self-similarity."""
+    """ACCR (the review's proposed anatomy-aware cross-modal contrastive registration, §4; our reading, see
+    losses/accr.py): dual encoders with shared early layers (``widths``, the first ``shared_layers`` shared,
+    ``feat_channels`` out, batch norm if ``norm``), cross-modal attention over the sampled locations
+    (``attn_channels``), anatomy-aware PatchNCE (``num_patches`` locations, ``tau``) and the structural
+    self-similarity term (weight ``ssim_weight``, neighbour distance ``sss_distance``, box ``sss_patch``). The
+    review states none of these values: all are ours (τ = CUT's / CoRe's order 0.07–0.1, not ContraReg's 0.007
+    whose features are frozen; MIND's four-/six-neighbourhood at distance 1 with a 3-voxel box)."""
     alpha: float = 1.0
     widths: Tuple[int, ...] = (16, 32, 32)
     shared_layers: int = 1
     feat_channels: int = 16
+    norm: bool = False
     attn_channels: int = 16
     num_patches: int = 256
     tau: float = 0.07
     ssim_weight: float = 1.0
+    sss_distance: int = 1
+    sss_patch: int = 3
 
 
 ACCR = ACCRConfig()
