@@ -302,15 +302,22 @@ for _name in ("cpu-demo", "cpu-bench", "small3d", "tiny2d", "tiny3d"):
 @dataclass(frozen=True)
 class CoReConfig:
     """CoRe (Kats et al.): a feature encoder trained jointly with the registration network; similarity of
-    encoder features of fixed and moved image + the equivariance InfoNCE (τ = 0.1, weight 1, 1000–4000
-    sampled locations in the paper). Fields not stated by the paper are ours (losses/core.py says which)."""
-    alpha: float = 1.0                     # α on L_sim in α(1−λ)·L_sim + λ·L_reg
-    widths: Tuple[int, ...] = (16, 32, 32, 32)
-    feat_channels: int = 16
-    num_samples: int = 2048
-    tau: float = 0.1
-    equiv_weight: float = 1.0
-    shared_encoder: bool = False
+    encoder features of fixed and moved image + the equivariance InfoNCE (τ = 0.1, weight 1, 1,000 sampled
+    feature vectors per image pair in the paper's implementation details). Fields not stated by the paper are
+    ours (losses/core.py says which)."""
+    alpha: float = 1.0                     # α on L_sim in α(1−λ)·L_sim + λ·L_reg (ours)
+    widths: Tuple[int, ...] = (16, 32, 32, 32)   # four Conv-BN-ReLU blocks (paper); widths ours
+    feat_channels: int = 16                # projection to 16 channels (paper)
+    num_samples: int = 1000                # feature vectors per image pair for the InfoNCE (paper: 1,000)
+    tau: float = 0.1                       # InfoNCE temperature (paper)
+    equiv_weight: float = 1.0              # weight of the contrastive term (paper: 1)
+    shared_encoder: bool = False           # one encoder for T1w and T2w (ours: False = one per modality)
+    # the augmentation set of random affines (not stated in the paper; ours): rotation angles (degrees, per
+    # rotation plane), scale 1 ± scale per axis, shear ± shear, translation ± translate × the axis length
+    rot_deg: float = 10.0
+    scale: float = 0.1
+    shear: float = 0.05
+    translate: float = 0.05
 
 
 CORE = CoReConfig()
