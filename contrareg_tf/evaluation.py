@@ -173,8 +173,14 @@ def select_lambda(rows, budget=FOLD_BUDGET):
     return max(ok, key=lambda r: r["dice"]) if ok else None
 
 
-def table1(results, budget=FOLD_BUDGET, before=None):
-    """``results``: {method: rows}. Returns (list of Table-1 rows, Markdown text)."""
+def _fmt(v, spec=".3f"):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def table1(results, budget=FOLD_BUDGET, before=None, paper=None, sets=None):
+    """``results``: {method: rows}. Returns (list of Table-1 rows, Markdown text). ``paper``: {method: (opt. λ,
+    Dice, Dice30, % folds, Sdlog|J|) of the paper's Table 1, or None} adds those five columns beside each row;
+    ``sets``: {method: set letter} adds a Set column (``reproduce_table1.py --rows``)."""
     out = []
     for method, rows in results.items():
         r = select_lambda(rows, budget)
@@ -182,47 +188,87 @@ def table1(results, budget=FOLD_BUDGET, before=None):
             out.append({"method": method, **{k: math.nan for k in TABLE1_FIELDS}})
         else:
             out.append({"method": method, **{k: r.get(k, math.nan) for k in TABLE1_FIELDS}})
-    lines = ["| Method | Opt. λ | Dice (↑) | Dice30 (↑) | % Folds (↓) | Sdlog\\|J\\| (↓) | ΔDice vs before | pairs improved |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = ["Method", "Opt. λ", "Dice (↑)", "Dice30 (↑)", "% Folds (↓)", "Sdlog\\|J\\| (↓)", "ΔDice vs before",
+            "pairs improved"]
+    if sets is not None:
+        head = ["Set"] + head
+    if paper is not None:
+        head += ["paper λ", "paper Dice", "paper Dice30", "paper % Folds", "paper Sdlog\\|J\\|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in out:
         if math.isnan(r["dice"]):
-            lines.append(f"| {r['method']} | – | no λ with folds < {budget}% | | | | | |")
+            cells = [r["method"], "–", f"no λ with folds < {budget}%", "", "", "", "", ""]
         else:
             gain = "" if math.isnan(r["gain"]) else f"{r['gain']:+.3f} ± {r['gain_std']:.3f}"
             imp = "" if math.isnan(r["improved"]) else f"{100 * r['improved']:.0f}%"
-            lines.append(f"| {r['method']} | {r['lambda']:.3g} | {r['dice']:.3f} ± {r['dice_std']:.3f} | "
-                         f"{r['dice30']:.3f} | {r['folds']:.3f} | {r['sdlogj']:.3f} | {gain} | {imp} |")
+            cells = [r["method"], f"{r['lambda']:.3g}", f"{r['dice']:.3f} ± {r['dice_std']:.3f}", f"{r['dice30']:.3f}",
+                     f"{r['folds']:.3f}", f"{r['sdlogj']:.3f}", gain, imp]
+        if sets is not None:       # "B MI" is shown as "B | MI"
+            st = sets.get(r["method"], "")
+            if st and cells[0].startswith(st + " "):
+                cells[0] = cells[0][len(st) + 1:]
+            cells = [st] + cells
+        if paper is not None:
+            pv = paper.get(r["method"]) or (None,) * 5
+            cells += [_fmt(pv[0], ".3g"), *(_fmt(v) for v in pv[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
     if before is not None:
-        lines.append(f"| (before registration) | – | {before:.3f} | | | | | |")
+        cells = ["(before registration)", "–", f"{before:.3f}"] + [""] * (len(head) - 3 - (sets is not None))
+        lines.append("| " + " | ".join(([""] if sets is not None else []) + cells) + " |")
     return out, "\n".join(lines) + "\n"
+
+
+def read_val_curve(run_dir):
+    """(steps, Dice) of a run's ``val_curve.csv`` (Fig. 3 col. 4), or None when the run has none."""
+    import os
+
+    path = os.path.join(run_dir, "val_curve.csv")
+    if not os.path.isfile(path):
+        return None
+    rows = read_csv(path)
+    return [int(r["step"]) for r in rows], [r["dice"] for r in rows]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # figures
 # ------------------------------------------------------------------------------------------------------------
-def plot_fig3(results, path, before=None, budget=FOLD_BUDGET):
-    """Fig. 3-style curves: Dice, % folds and std log|J| against λ, one line per method."""
+def plot_fig3(results, path, before=None, budget=FOLD_BUDGET, curves=None, groups=None):
+    """Fig. 3: Dice, % folds and std log|J| against λ (cols. 1–3), one line per method, and validation Dice
+    against training step (col. 4, from ``curves`` = {method: (steps, Dice)}; drawn when any is given).
+    ``groups``: {row title: [methods]}, one figure row each (the paper's rows: losses, extensions, baselines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for method, rows in results.items():
-        lam = [r["lambda"] for r in rows]
-        for ax, key in zip(axes, ("dice", "folds", "sdlogj")):
-            ax.plot(lam, [r[key] for r in rows], marker="o", ms=3, label=method)
-    if before is not None:
-        axes[0].axhline(before, color="gray", ls=":", label="before")
-    axes[1].axhline(budget, color="red", ls="--", lw=0.8, label=f"{budget}% budget")
-    for ax, t in zip(axes, ("Dice", "% folding voxels", "std log|J|")):
-        ax.set_xlabel("λ")
-        ax.set_title(t)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    from .config import VAL_CURVE_LAMBDA
+
+    curves = {k: v for k, v in (curves or {}).items() if v}
+    groups = groups or {"": list(results)}
+    ncol = 4 if curves else 3
+    fig, axes = plt.subplots(len(groups), ncol, figsize=(4.6 * ncol, 4 * len(groups)), squeeze=False)
+    for row, (title, methods) in zip(axes, groups.items()):
+        for method in methods:
+            rows = results[method]
+            lam = [r["lambda"] for r in rows]
+            for ax, key in zip(row, ("dice", "folds", "sdlogj")):
+                ax.plot(lam, [r[key] for r in rows], marker="o", ms=3, label=method)
+            if method in curves:
+                row[3].plot(*curves[method], marker=".", ms=3, label=method)
+        if before is not None:
+            row[0].axhline(before, color="gray", ls=":", label="before")
+            if ncol == 4:
+                row[3].axhline(before, color="gray", ls=":")
+        row[1].axhline(budget, color="red", ls="--", lw=0.8, label=f"{budget}% budget")
+        names = ("Dice", "% folding voxels", "std log|J|", f"validation Dice (λ = {VAL_CURVE_LAMBDA:g})")
+        for k, (ax, t) in enumerate(zip(row, names)):
+            ax.set_xlabel("training step" if k == 3 else "λ")
+            ax.set_title(f"{title}: {t}" if title else t, fontsize=10)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
+        row[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ from .atomic import atomic_path
 from .config import Config
 from .errors import ContraRegInputError
 
-__all__ = ["save_trained", "save_trained_heads", "data_spacing", "config_from_meta", "synthmorph_config", "read_run",
+__all__ = ["save_trained", "save_trained_heads", "load_trained_heads", "data_spacing", "config_from_meta", "synthmorph_config", "read_run",
            "load_trained"]
 
 
@@ -32,6 +32,15 @@ def save_trained(out_dir, model, heads1=None, heads2=None):
     """``model.h5`` (+ ``heads{1,2}.h5``), Keras ``save_weights`` format, written atomically."""
     _save_weights(model, out_dir, "model.h5")
     save_trained_heads(out_dir, heads1, heads2)
+
+
+def load_trained_heads(run_dir, heads1, heads2):
+    """Load ``heads1.h5``/``heads2.h5`` of ``run_dir`` (e.g. SupPretrain's) into built head sets."""
+    for name, hs in (("heads1.h5", heads1), ("heads2.h5", heads2)):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            raise ContraRegInputError(f"{path}: no such heads file")
+        _heads_container(hs).load_weights(path)
 
 
 def _heads_container(heads):

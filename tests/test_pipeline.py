@@ -76,8 +76,8 @@ def test_parallel_training_workers_match_in_process_training(tiny_run, tmp_path)
     from contrareg_tf import ContraRegInputError, experiment
 
     cfg = get_preset("tiny2d")
-    jobs = [(m, str(tmp_path / f"w_{m}"), dict(iters=2)) for m in ("ngf", "mi")]
-    experiment._train_runs(cfg, jobs, None, progress=False, workers=2)
+    jobs = [(cfg, m, str(tmp_path / f"w_{m}"), dict(iters=2)) for m in ("ngf", "mi")]
+    experiment._train_runs(jobs, None, progress=False, workers=2)
     experiment.train_method(cfg, "mi", str(tmp_path / "inproc_mi"), iters=2, progress=False)
 
     def weights(run):
@@ -91,10 +91,10 @@ def test_parallel_training_workers_match_in_process_training(tiny_run, tmp_path)
     for (name, x), (_, y) in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=name)
     assert os.path.isfile(tmp_path / "w_ngf" / "model.h5")
-    bad = [("mcr", str(tmp_path / "bad"), dict(iters=2, ae1=str(tmp_path / "missing.h5"),
-                                               ae2=str(tmp_path / "missing.h5"))), jobs[0]]
+    bad = [(cfg, "mcr", str(tmp_path / "bad"), dict(iters=2, ae1=str(tmp_path / "missing.h5"),
+                                                    ae2=str(tmp_path / "missing.h5"))), jobs[0]]
     with pytest.raises(ContraRegInputError, match="missing.h5"):
-        experiment._train_runs(cfg, bad, None, progress=False, workers=2)
+        experiment._train_runs(bad, None, progress=False, workers=2)
 
 
 @pytest.mark.slow
@@ -229,3 +229,107 @@ def test_train_hyper_cli_rejects_unknown_loss_and_bad_preset():
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = _script("train_scripts/train_hyper.py", "--loss", "mi", "--out", "/tmp/x", "--preset", "huge")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: unknown preset")
+
+
+@pytest.mark.slow
+def test_reproduce_table1_rows_one_row_of_each_set(tmp_path):
+    """``--rows`` with one tiny row from each set (A2 MI, B1 SM-brains at the wide width, C4 CR+SupPretrain,
+    D1 CR with 10 integration steps, extra1 CoRe): every row trained and evaluated, labelled as in the paper
+    with the paper's values beside it (from config.TABLE1_ROWS), the validation curves logged, Fig. 3 drawn."""
+    from contrareg_tf import experiment
+    from contrareg_tf.config import TABLE1_ROWS
+    from contrareg_tf.runs import read_run
+
+    os.environ["CONTRAREG_CACHE"] = str(tmp_path / "cache")
+    out = str(tmp_path / "rows")
+    cfg = get_preset("tiny2d")
+    md = experiment.reproduce_table1(cfg, out, rows=["A2", "B1", "C4", "D1", "extra1"], iters=2, ae_iters=2,
+                                     progress=False, workers=1)
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "Method" not in ln]
+    labels = [ln.split("|")[2].strip() for ln in lines[:-1]]
+    assert labels == ["MI", "SM-brains", "CR+SupPretrain", "CR (10 int. steps)", "CoRe"]
+    paper = {f"{r.set} {r.label}": r.paper for r in TABLE1_ROWS}
+    for ln, name in zip(lines, ["A MI", "B SM-brains", "C CR+SupPretrain", "D CR (10 int. steps)"]):
+        cells = [c.strip() for c in ln.split("|")[1:-1]]
+        assert cells[-4:] == [f"{v:.3f}" for v in paper[name][1:]], (name, cells)
+    # the wide / set-D settings reached the runs, SupPretrain's heads were the start point
+    assert read_run(os.path.join(out, "sm-brains_ch32"))[0]["config"]["ch"] == 4 * cfg.ch
+    meta = read_run(os.path.join(out, "cr_ch32_ts10"))[0]
+    assert meta["config"]["ch"] == 4 * cfg.ch and meta["config"]["int_steps"] == 10
+    assert read_run(os.path.join(out, "cr_suppretrain"))[0]["heads_init"] == os.path.join(out, "suppretrain")
+    for run in ("mi", "sm-brains_ch32", "cr_suppretrain", "cr_ch32_ts10", "core"):
+        steps, dice = evaluation.read_val_curve(os.path.join(out, run))
+        assert steps == [2] and all(0.0 <= d <= 1.0 for d in dice)       # tiny2d: a checkpoint every 2 steps
+    with open(os.path.join(out, "fig3.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_rows_are_the_papers_twenty_plus_three_extra():
+    from contrareg_tf.config import TABLE1_ROWS
+
+    sets = [r.set for r in TABLE1_ROWS]
+    assert [sets.count(s) for s in ("A", "B", "C", "D", "extra")] == [6, 5, 6, 3, 3]
+    assert all(r.paper is not None for r in TABLE1_ROWS if r.set != "extra")
+    by = {(r.set, r.label): r for r in TABLE1_ROWS}
+    # the paper's D3 (CR, 32 steps, width 256) is its B4 (CR, width 256): the same run here
+    assert by[("D", "CR (32 int. steps)")].paper == by[("B", "CR")].paper
+    assert all(r.wide for r in TABLE1_ROWS if r.set in ("B", "D"))
+    assert all(0.6 < r.paper[1] < 0.8 and r.paper[2] <= r.paper[1] for r in TABLE1_ROWS if r.paper)
+
+
+def test_select_rows_by_set_and_by_paper_row_number():
+    from contrareg_tf import ContraRegInputError, experiment
+
+    rows, paper = experiment.select_rows(["A5", "B"])
+    assert paper and [(r.set, r.label) for r in rows] == [("A", "CR"), ("B", "SM-brains"), ("B", "SM-shapes"),
+                                                          ("B", "MI"), ("B", "CR"), ("B", "mCR")]
+    rows, paper = experiment.select_rows(None, methods=["mi", "ngf"])
+    assert not paper and [r.method for r in rows] == ["mi", "ngf"]
+    for bad in (["A7"], ["E"], ["extra4"], ["a1"], []):
+        with pytest.raises(ContraRegInputError):
+            experiment.select_rows(bad)
+
+
+def test_row_configs_and_run_folders():
+    """Sets B/D at the wide companion (×4 width, 32 steps; paper → paper-ch256); set D's steps; rows with the same
+    setting share a run folder; set-A rows keep the --methods folder names."""
+    from contrareg_tf import experiment
+    from contrareg_tf.config import PRESETS, TABLE1_ROWS
+
+    cfg = get_preset("cpu-demo")
+    by = {(r.set, r.label): r for r in TABLE1_ROWS}
+    assert experiment.row_run_name(cfg, by[("A", "mCR")]) == "mcr"
+    assert experiment.row_run_name(cfg, by[("C", "CR+MI+ExtNegs")]) == "cr_mi_extnegs"
+    b4, d1, d3 = by[("B", "CR")], by[("D", "CR (10 int. steps)")], by[("D", "CR (32 int. steps)")]
+    assert experiment.row_run_name(cfg, b4) == experiment.row_run_name(cfg, d3) == "cr_ch64_ts32"
+    rc = experiment.row_config(cfg, d1)
+    assert (rc.ch, rc.int_steps, rc.inshape) == (4 * cfg.ch, 10, cfg.inshape)
+    assert experiment.row_config(get_preset("paper"), b4) == PRESETS["paper-ch256"]
+    assert experiment.row_run_name(cfg, by[("C", "mCR+RandAE")]) == "mcr_randae"
+    assert experiment.row_run_name(cfg, by[("B", "SM-shapes")]) == "sm-shapes_ch64"
+
+
+def test_table1_paper_columns_sit_beside_each_row():
+    rows = [_row(0.0, 0.60, 0.6), _row(0.1, 0.55, 0.2)]
+    for r in rows:
+        r.update(gain=0.1, gain_std=0.0, improved=1.0)
+    _, md = evaluation.table1({"A MI": rows, "B SM-brains": rows[1:]}, before=0.4, sets={"A MI": "A", "B SM-brains": "B"},
+                              paper={"A MI": (0.175, 0.748, 0.739, 0.461, 0.089), "B SM-brains": (None, 0.755, 0.749, 0.023, 0.048)})
+    lines = md.splitlines()
+    assert lines[0].startswith("| Set | Method |") and lines[0].count("paper") == 5
+    a = [c.strip() for c in lines[2].split("|")[1:-1]]
+    b = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert a[:4] == ["A", "MI", "0.1", "0.550 ± 0.000"] and a[-5:] == ["0.175", "0.748", "0.739", "0.461", "0.089"]
+    assert b[:2] == ["B", "SM-brains"] and b[-5:] == ["–", "0.755", "0.749", "0.023", "0.048"]
+    assert len(a) == len(b) == 1 + 8 + 5          # set, the 8 columns of a plain row, 5 paper columns
+
+
+def test_val_curve_callback_appends_and_replaces_redone_steps(tmp_path):
+    from contrareg_tf.training.loop import val_curve_callback
+
+    vals = iter([0.1, 0.2, 0.3, 0.25])
+    cb = val_curve_callback(str(tmp_path), None, lambda m: next(vals))
+    for step in (10, 20, 30):
+        cb(step)
+    cb(20)          # a resumed run from step 10 re-does step 20: rows from step 20 on are replaced
+    assert evaluation.read_val_curve(str(tmp_path)) == ([10, 20], [0.1, 0.25])

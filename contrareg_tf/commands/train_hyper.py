@@ -47,6 +47,8 @@ def parse(argv):
     p.add_argument("--ae1", help="T1w autoencoder .h5 (contrastive losses)")
     p.add_argument("--ae2", help="T2w autoencoder .h5 (contrastive losses)")
     p.add_argument("--rand-ae", action="store_true", help="random frozen autoencoders (RandAE)")
+    p.add_argument("--heads", help="folder with pretrained heads1.h5/heads2.h5 to start from (SupPretrain: "
+                   "train_autoencoder.py --sup-pretrain's output, with its ae_t1.h5/ae_t2.h5 as --ae1/--ae2)")
     p.add_argument("--dns-model", help="MASR-Net .h5 for --loss dns")
     p.add_argument("--ch", type=int, help="U-Net width (paper: 64; 256 for the large runs)")
     p.add_argument("--int-steps", type=int, help="scaling-and-squaring steps ts (paper: 5)")
@@ -63,6 +65,8 @@ def parse(argv):
     p.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (GPU)")
     p.add_argument("--xla", action="store_true", help="XLA-compile the training step (GPU)")
+    p.add_argument("--no-val-curve", action="store_true", help="skip the validation Dice logged at every "
+                   "checkpoint (val_curve.csv, Fig. 3 col. 4)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -91,7 +95,8 @@ def _train(args, cfg, command):
     from contrareg_tf import experiment
 
     experiment.train_method(cfg, args.loss, args.out, data=args.data, ae1=args.ae1, ae2=args.ae2,
-                            rand_ae=args.rand_ae, dns_model=args.dns_model, iters=args.iters, lr=args.lr,
+                            rand_ae=args.rand_ae, heads=args.heads, val_curve=not args.no_val_curve,
+                            dns_model=args.dns_model, iters=args.iters, lr=args.lr,
                             batch_size=args.batch_size, resume=args.resume, strategy=args.strategy,
                             conditioning=args.conditioning, mixed_precision=args.mixed_precision, xla=args.xla,
                             reg_penalty=args.reg_penalty, progress=not args.no_progress,

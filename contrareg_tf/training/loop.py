@@ -130,12 +130,13 @@ def _distribute(strategy, batch):
 
 
 def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None, resume=False, progress=True,
-             desc="train", log_every=1, max_seconds=None):
+             desc="train", log_every=1, max_seconds=None, on_checkpoint=None):
     """Run ``step_fn(batch) -> dict of scalar tensors`` (must contain ``'loss'``) from the checkpoint's step
     to ``iters``. Returns the history (list of dicts); raises ``TrainingDiverged`` on a NaN/Inf loss.
     ``out_dir=None``: no checkpoints, no TensorBoard (nothing written). ``max_seconds``: stop after the step
     that crosses this wall time (checkpointed). A non-chief worker of a multi-worker strategy writes nothing
-    into ``out_dir``: its checkpoints go to a temporary folder (removed on return); it resumes from the chief's."""
+    into ``out_dir``: its checkpoints go to a temporary folder (removed on return); it resumes from the chief's.
+    ``on_checkpoint(step)``: called on the chief after each checkpoint is written (e.g. the validation curve)."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
     manager = writer = ckpt_dir = None
@@ -150,14 +151,14 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
             manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=1)
     try:
         return _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, strategy, resume,
-                    progress, desc, log_every, max_seconds, chief)
+                    progress, desc, log_every, max_seconds, chief, on_checkpoint if chief else None)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
 
 
 def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, strategy, resume, progress, desc,
-         log_every, max_seconds, chief):
+         log_every, max_seconds, chief, on_checkpoint=None):
     import time
 
     from tqdm.auto import tqdm
@@ -202,6 +203,8 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
                         tf.summary.scalar(k, v, step=step + 1)
         if manager is not None and ((step + 1) % ckpt_every == 0 or step + 1 == iters or timeout):
             manager.save(checkpoint_number=step + 1)
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1)
         if timeout:
             break
     bar.close()
@@ -220,3 +223,35 @@ def _reduce_terms(strategy, terms):
     if strategy.num_replicas_in_sync == 1:
         return terms
     return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in terms.items()}
+
+
+def val_curve_callback(out_dir, model, validate, name="val_curve.csv"):
+    """``on_checkpoint`` for :func:`run_loop` that appends (step, ``validate(model)``) to ``out_dir/name`` (Fig. 3
+    col. 4: validation Dice vs training step). Rows at or past a step being re-written (a resumed run that
+    re-does steps) are replaced, so the file always describes the weights that led to the final model."""
+    import csv
+
+    from ..atomic import atomic_path
+
+    path = os.path.join(out_dir, name)
+
+    def on_checkpoint(step):
+        rows = []
+        if os.path.isfile(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+        rows.append({"step": step, "dice": f"{float(validate(model)):.6g}"})
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["step", "dice"])
+            w.writeheader()
+            w.writerows(rows)
+
+    return on_checkpoint
+
+
+def peak_rss_mb():
+    """Peak resident memory of this process so far (MB; Linux ``ru_maxrss``), recorded in run cards. A worker
+    process that trained several methods reports the peak over all of them."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)

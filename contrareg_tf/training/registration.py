@@ -12,7 +12,8 @@ from ..config import Config
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
 from ..data.pairs import PairSampler
-from .loop import _per_replica_mean, _reduce_terms, get_strategy, is_chief, run_loop, set_mixed_precision
+from .loop import (_per_replica_mean, _reduce_terms, get_strategy, is_chief, peak_rss_mb, run_loop,
+                   set_mixed_precision, val_curve_callback)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,8 +91,10 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
     """Train the λ-conditioned network (paper §2–3) on ``train_arrays`` = dict with stacks ``t1``, ``t2``
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
-    rand_ae, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model, progress,
-    reg_penalty, command. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
+    rand_ae, heads, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model,
+    progress, reg_penalty, command, validate. ``heads``: a folder with ``heads1.h5``/``heads2.h5`` to start the
+    PatchNCE heads from (SupPretrain, paper §3). ``validate(model) -> float``: called at every checkpoint, its
+    value logged to ``val_curve.csv`` (Fig. 3 col. 4). ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
     ``strategy="multiworker"``: every worker of the ``TF_CONFIG`` cluster calls this with the same arguments and
     ``out_dir``; only the chief writes into it (``loop.run_loop``)."""
     from ..lock import out_dir_lock
@@ -121,8 +124,9 @@ class RegistrationSetup:
 
 def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None, rand_ae=False, lr=None,
                        batch_size=None, strategy="default", conditioning="film", mixed_precision=False, xla=False,
-                       dns_model=None, reg_penalty=None) -> RegistrationSetup:
-    """Model, heads, similarity, Adam, checkpoint, the traced step and the pair sampler for ``loss_name``."""
+                       dns_model=None, reg_penalty=None, heads=None) -> RegistrationSetup:
+    """Model, heads, similarity, Adam, checkpoint, the traced step and the pair sampler for ``loss_name``.
+    ``heads``: folder of pretrained ``heads1.h5``/``heads2.h5`` (SupPretrain) for a contrastive loss."""
     from ..losses.objective import velocity_regulariser
     from ..losses.similarity import LossSpec
 
@@ -139,6 +143,11 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
         rng = tf.random.Generator.from_seed(cfg.seed)
         model, heads1, heads2, sim = build_components(cfg, loss_name, ae1, ae2, rand_ae, conditioning, dns_model,
                                                       rng=rng)
+        if heads is not None:
+            if heads1 is None:
+                raise ContraRegInputError(f"--heads: loss {loss_name!r} has no PatchNCE heads")
+            from ..runs import load_trained_heads
+            load_trained_heads(heads, heads1, heads2)
         optimizer = tf.keras.optimizers.Adam(lr)
         optimizer.build(model.trainable_variables + sim.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
@@ -159,16 +168,17 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
 def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
                  lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
                  mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
-                 command=None):
+                 command=None, heads=None, validate=None):
     iters = int(cfg.iters if iters is None else iters)
     os.makedirs(out_dir, exist_ok=True)
     s = setup_registration(cfg, loss_name, train_arrays, ae1, ae2, rand_ae, lr, batch_size, strategy, conditioning,
-                           mixed_precision, xla, dns_model, reg_penalty)
+                           mixed_precision, xla, dns_model, reg_penalty, heads)
     lr, batch_size, model, heads1, heads2 = s.lr, s.batch_size, s.model, s.heads1, s.heads2
     meta = {"config": dataclasses.asdict(cfg), "loss": loss_name, "conditioning": conditioning,
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
             "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
-            "batch_size": batch_size, "reg_penalty": reg_penalty or cfg.reg_penalty, "command": command}
+            "batch_size": batch_size, "reg_penalty": reg_penalty or cfg.reg_penalty, "command": command,
+            "heads_init": str(heads) if heads is not None else None}
     spacing = data_spacing(train_arrays, len(cfg.inshape))
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
@@ -177,12 +187,13 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
     history = run_loop(s.step, s.sampler.batch, s.ckpt, out_dir, iters, cfg.ckpt_every, s.strategy, resume,
-                       progress, desc=f"train {loss_name}")
+                       progress, desc=f"train {loss_name}",
+                       on_checkpoint=val_curve_callback(out_dir, model, validate) if validate else None)
     elapsed = time.time() - t0
     if chief:
         save_trained(out_dir, model, heads1, heads2)
         card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
                     final=history[-1] if history else None,
-                    sec_per_step=round(elapsed / max(1, len(history)), 4))
+                    sec_per_step=round(elapsed / max(1, len(history)), 4), peak_rss_mb=peak_rss_mb())
         write_json(os.path.join(out_dir, "card.json"), card)
     return history

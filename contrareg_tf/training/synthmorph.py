@@ -45,7 +45,8 @@ from ..atomic import write_json
 from ..config import SM_PAPER, SYNTHMORPH_METHODS, Config, SynthMorphConfig
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
-from .loop import _per_replica_mean, _reduce_terms, get_strategy, is_chief, run_loop, step_rng
+from .loop import (_per_replica_mean, _reduce_terms, get_strategy, is_chief, peak_rss_mb, run_loop, step_rng,
+                   val_curve_callback)
 
 __all__ = ["METHODS", "is_synthmorph", "brain_label_maps", "shape_label_maps", "method_label_maps",
            "LabelMapSampler", "dice_loss", "build_training_model", "train_synthmorph"]
@@ -205,7 +206,7 @@ def train_synthmorph(cfg: Config, method, out_dir, train_arrays=None, sm: SynthM
     split (``labels`` for sm-brains, ``affines`` for the recorded voxel size). Writes ``out_dir/{config.json,
     ckpt/, tb/, model.h5, card.json}`` (a run folder ``runs.load_trained`` reads); returns the history.
     Keyword arguments: label_maps (overrides the method's), iters, lr, batch_size, resume, strategy, progress,
-    command. ``out_dir`` is locked for the run; ``out_dir=None`` writes nothing (tests)."""
+    command, validate (``validate(model) -> float`` at every checkpoint, logged to ``val_curve.csv``). ``out_dir`` is locked for the run; ``out_dir=None`` writes nothing (tests)."""
     from ..lock import out_dir_lock
 
     if out_dir is None:
@@ -215,7 +216,7 @@ def train_synthmorph(cfg: Config, method, out_dir, train_arrays=None, sm: SynthM
 
 
 def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, lr=None, batch_size=None,
-           resume=False, strategy="default", progress=True, command=None):
+           resume=False, strategy="default", progress=True, command=None, validate=None):
     from ..networks.synthmorph import NAME, SynthMorphVxm, copy_weights
 
     method = str(method).strip().lower()
@@ -255,14 +256,19 @@ def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, 
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
+    on_ckpt = None
+    if validate is not None and out_dir is not None:   # validated through the λ-ignoring interface
+        eval_model = SynthMorphVxm(cfg_run, sm)
+        on_ckpt = val_curve_callback(out_dir, core, lambda c: validate(copy_weights(c, eval_model)))
     history = run_loop(step, sampler.batch, ckpt, out_dir, iters, cfg.ckpt_every, strat, resume, progress,
-                       desc=f"train {method}")
+                       desc=f"train {method}", on_checkpoint=on_ckpt)
     elapsed = time.time() - t0
     if out_dir is None or not chief:
         return history
     model = copy_weights(core, SynthMorphVxm(cfg_run, sm))
     save_trained(out_dir, model)
     card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
-                final=history[-1] if history else None, sec_per_step=round(elapsed / max(1, len(history)), 4))
+                final=history[-1] if history else None, sec_per_step=round(elapsed / max(1, len(history)), 4),
+                peak_rss_mb=peak_rss_mb())
     write_json(os.path.join(out_dir, "card.json"), card)
     return history
