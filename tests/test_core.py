@@ -129,6 +129,26 @@ def test_protocol_terms_and_gradients(preset):
     assert out["sim"].shape == (2,) and np.all(np.isfinite(out["sim"].numpy()))
 
 
+def test_fixed_side_is_stop_gradient_and_shared_option():
+    """With the InfoNCE off, d12 = D(sg[E1(I1)], E2(I2∘φ)) gives E1 no gradient and E2 one (and d21 the reverse);
+    ``shared_encoder`` = one encoder, one checkpoint item."""
+    rs = np.random.default_rng(3)
+    obj = core.CoRe(2, dataclasses.replace(CORE, equiv_weight=0.0, num_samples=64), seed=0)
+    i1, i2, m2, m1 = (tf.constant(_smooth_image(rs, (2, 16, 16, 1))) for _ in range(4))
+    e1, e2 = obj.encoders["core_enc1"], obj.encoders["core_enc2"]
+    with tf.GradientTape(persistent=True) as tape:
+        d12, d21 = obj.pair_terms({"img1": i1, "img2": i2}, m2, m1)
+    for d, frozen, live in ((d12, e1, e2), (d21, e2, e1)):
+        g_frozen = tape.gradient(d, frozen.trainable_variables)
+        g_live = tape.gradient(d, live.trainable_variables)
+        assert all(g is None or float(tf.reduce_max(tf.abs(g))) == 0.0 for g in g_frozen)
+        assert any(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in g_live)
+    shared = core.CoRe(2, dataclasses.replace(CORE, shared_encoder=True, num_samples=64), seed=0)
+    assert list(shared.checkpoint_items()) == ["core_enc"]
+    d12, d21 = shared.pair_terms({"img1": i1, "img2": i2}, m2, m1)
+    assert np.all(np.isfinite(d12.numpy())) and np.all(np.isfinite(d21.numpy()))
+
+
 @pytest.mark.slow
 def test_end_to_end_three_steps(tmp_path):
     from contrareg_tf.training.registration import setup_registration

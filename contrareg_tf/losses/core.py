@@ -32,8 +32,12 @@ pseudo-label displacements by MSE; here the registration signal is the feature s
 - **Stop-gradient on the fixed side** of D (SimSiam-style, symmetric over the two directions): each encoder
   learns from D only as the moved-side encoder, matching the other modality's current features, so the two
   cannot drift together towards a constant in one step; E1 still gets D's gradient through d21, E2 through d12.
-- **InfoNCE on the final block's convolution output** (the paper: "applied to the output of the final block's
-  convolutional layer"); D on the 16-channel projection.
+- **InfoNCE on the features D compares** (the 16-channel projection), not on the final block's convolution
+  output as in the paper: there the projection feeds an optimiser trained on pseudo-labels, here D pulls the
+  projection towards a constant and only a contrastive term on the *same* features stops it. Measured (cpu-demo,
+  300 iterations, one T1w/T2w pair set shifted by 0/1/2/4/8 voxels): InfoNCE on the last block, D = 0.016,
+  0.017, 0.020, 0.047, 0.106 (collapsed, flat near alignment), Dice +0.006 over no registration; InfoNCE on the
+  projection, D = 0.740, 0.816, 0.899, 0.973, 0.991, Dice +0.014.
 - **Augmentation set** (not stated in the paper): per sample x ↦ x(T(p)), T(p) = R·S·H (p − c) + c + t with
   R = expm(skew) rotation angles ± ``rot_deg`` per plane, S = 1 ± ``scale`` per axis, H = I + strict upper
   shear ± ``shear``, t = ± ``translate`` × axis length; images and features warped linearly (``ops.warp``).
@@ -115,10 +119,7 @@ class CoRe:
         self.cfg, self.rng = cfg, rng if rng is not None else tf.random.Generator.from_seed(seed)
         names = ("core_enc",) if cfg.shared_encoder else ("core_enc1", "core_enc2")
         self.encoders = {k: feature_encoder(ndim, cfg.widths, cfg.feat_channels, name=k) for k in names}
-        last = f"_conv{len(cfg.widths) - 1}"      # the final block's convolution: the InfoNCE's features
-        self._two = [tf.keras.Model(e.input, [e.get_layer(k + last).output, e.output])
-                     for k, e in self.encoders.items()]
-        self._two = self._two * (3 - len(self._two))      # [E1, E2]
+        self._enc = list(self.encoders.values()) * (3 - len(names))      # [E1, E2]
 
     @property
     def trainable_variables(self):
@@ -132,9 +133,9 @@ class CoRe:
         b, vol = int(fixed.shape[0]), [int(s) for s in fixed.shape[1:-1]]
         shift = dense_shift(random_affine(self.rng, b, vol, self.cfg), vol)
         aug = ops.warp(fixed, shift)
-        mid, proj = enc(tf.concat([fixed, aug, moved], 0), training=True)
+        proj = enc(tf.concat([fixed, aug, moved], 0), training=True)
         mask = aug[..., 0] > FOREGROUND_LEVEL
-        l_eq = equivariance_infonce(mid[b:2 * b], mid[:b], shift, mask, self.cfg.num_samples, self.cfg.tau,
+        l_eq = equivariance_infonce(proj[b:2 * b], proj[:b], shift, mask, self.cfg.num_samples, self.cfg.tau,
                                     self.rng)
         return proj[:b], l_eq, proj[2 * b:]
 
@@ -147,8 +148,8 @@ class CoRe:
 
     def pair_terms(self, batch, moved2, moved1, pos_flow=None, neg_flow=None):
         i1, i2 = batch["img1"], batch["img2"]
-        f1, eq1, f_moved1 = self._encode(self._two[0], i1, moved1)
-        f2, eq2, f_moved2 = self._encode(self._two[1], i2, moved2)
+        f1, eq1, f_moved1 = self._encode(self._enc[0], i1, moved1)
+        f2, eq2, f_moved2 = self._encode(self._enc[1], i2, moved2)
         g = self.cfg.equiv_weight
         return (self._dissim(i1, moved2, f1, f_moved2) + g * eq1,
                 self._dissim(i2, moved1, f2, f_moved1) + g * eq2)
