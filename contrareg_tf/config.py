@@ -127,7 +127,11 @@ class IOConfig:
     of each Adam step is evaluated on the voxels x ≡ o (mod s), o a random phase per step (1 = every voxel,
     the paper). ``grid_step`` g: the
     displacement is optimised on a control grid of round(n / g) points per axis, upsampled linearly to the
-    level's n inside each step (1 = dense, the paper; convexAdam's grid_sp_adam = 2)."""
+    level's n inside each step (1 = dense, the paper; convexAdam's grid_sp_adam = 2). ``convex_init``: start
+    from convexAdam's coupled-convex discrete solution (Siebert et al. 2021; not in the paper, off here) on
+    cells of ``convex_grid`` voxels with labels ±``convex_hw`` cells, coupling weights ``convex_coeffs``
+    (convexAdam's) and ``convex_ic_iters`` inverse-consistency iterations (convexAdam's 15; 0 = forward only);
+    equations in ``instance_opt``'s module docstring."""
     name: str = "paper"
     levels: int = 3
     lrs: Tuple[float, ...] = (1e-2, 5e-3, 3e-3)
@@ -139,6 +143,11 @@ class IOConfig:
     level_features: bool = False
     sample_stride: Union[int, Tuple[int, ...]] = 1      # one, or one per level
     grid_step: float = 1.0
+    convex_init: bool = False
+    convex_grid: int = 4
+    convex_hw: int = 3
+    convex_coeffs: Tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+    convex_ic_iters: int = 15
 
     def schedule(self) -> dict:
         """The ``instance_opt.instance_optimise`` keyword arguments of this preset."""
@@ -146,7 +155,9 @@ class IOConfig:
                     reg_weights=list(self.reg_weights), smooth_sigma=self.smooth_sigma, min_scale=self.min_scale,
                     max_scale=self.max_scale, level_features=self.level_features,
                     sample_stride=(self.sample_stride if isinstance(self.sample_stride, int)
-                                   else list(self.sample_stride)), grid_step=self.grid_step)
+                                   else list(self.sample_stride)), grid_step=self.grid_step,
+                    convex_init=self.convex_init, convex_grid=self.convex_grid, convex_hw=self.convex_hw,
+                    convex_coeffs=list(self.convex_coeffs), convex_ic_iters=self.convex_ic_iters)
 
 
 IO_PAPER = IOConfig()
@@ -277,9 +288,10 @@ TABLE1_ROWS = (
 TABLE1_SETS = ("A", "B", "C", "D", "extra")
 
 # the width-256 companion of each preset (sets B and D; ts = 32 as in the paper's B rows, which equal D3): the
-# paper's is paper-ch256; a CPU preset's is its U-Net ×WIDE_FACTOR (not 16×: a 2-D cpu-demo step at ch 256
-# would take longer than the whole main job)
-WIDE_FACTOR = 4
+# paper's is paper-ch256 (4 × 64); a CPU preset's is its U-Net × WIDE_FACTOR = 2, not the paper's 4: a cpu-demo
+# step at ×4 (ch 64) measured 0.415 s for MI vs 0.069 s at ch 16 (bench_steps.py, one run), which puts the
+# seven wide runs of sets B and D alone past an hour on 2 cores
+WIDE_FACTOR = 2
 WIDE_INT_STEPS = 32
 
 

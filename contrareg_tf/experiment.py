@@ -406,8 +406,8 @@ def reproduce_table1(cfg, out_dir, methods=TABLE1_A, data=None, iters=None, ae_i
 def _fig3_groups(table_rows, names):
     """Fig. 3's rows: similarity losses (set A), extensions (set C), larger models and baselines (sets B, D),
     other methods (extra)."""
-    titles = {"A": "losses (A)", "C": "extensions (C)", "B": "width ×4 / SynthMorph (B, D)",
-              "D": "width ×4 / SynthMorph (B, D)", "extra": "CoRe / ACCR"}
+    titles = {"A": "losses (A)", "C": "extensions (C)", "B": "wide / SynthMorph (B, D)",
+              "D": "wide / SynthMorph (B, D)", "extra": "CoRe / ACCR"}
     groups = {}
     for r, n in zip(table_rows, names):
         groups.setdefault(titles[r.set], []).append(n)

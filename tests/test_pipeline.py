@@ -237,7 +237,7 @@ def test_reproduce_table1_rows_one_row_of_each_set(tmp_path):
     D1 CR with 10 integration steps, extra1 CoRe): every row trained and evaluated, labelled as in the paper
     with the paper's values beside it (from config.TABLE1_ROWS), the validation curves logged, Fig. 3 drawn."""
     from contrareg_tf import experiment
-    from contrareg_tf.config import TABLE1_ROWS
+    from contrareg_tf.config import TABLE1_ROWS, WIDE_FACTOR
     from contrareg_tf.runs import read_run
 
     os.environ["CONTRAREG_CACHE"] = str(tmp_path / "cache")
@@ -253,11 +253,12 @@ def test_reproduce_table1_rows_one_row_of_each_set(tmp_path):
         cells = [c.strip() for c in ln.split("|")[1:-1]]
         assert cells[-4:] == [f"{v:.3f}" for v in paper[name][1:]], (name, cells)
     # the wide / set-D settings reached the runs, SupPretrain's heads were the start point
-    assert read_run(os.path.join(out, "sm-brains_ch32"))[0]["config"]["ch"] == 4 * cfg.ch
-    meta = read_run(os.path.join(out, "cr_ch32_ts10"))[0]
-    assert meta["config"]["ch"] == 4 * cfg.ch and meta["config"]["int_steps"] == 10
+    w = WIDE_FACTOR * cfg.ch
+    assert read_run(os.path.join(out, f"sm-brains_ch{w}"))[0]["config"]["ch"] == w
+    meta = read_run(os.path.join(out, f"cr_ch{w}_ts10"))[0]
+    assert meta["config"]["ch"] == w and meta["config"]["int_steps"] == 10
     assert read_run(os.path.join(out, "cr_suppretrain"))[0]["heads_init"] == os.path.join(out, "suppretrain")
-    for run in ("mi", "sm-brains_ch32", "cr_suppretrain", "cr_ch32_ts10", "core"):
+    for run in ("mi", f"sm-brains_ch{w}", "cr_suppretrain", f"cr_ch{w}_ts10", "core"):
         steps, dice = evaluation.read_val_curve(os.path.join(out, run))
         assert steps == [2] and all(0.0 <= d <= 1.0 for d in dice)       # tiny2d: a checkpoint every 2 steps
     with open(os.path.join(out, "fig3.png"), "rb") as f:
@@ -291,22 +292,23 @@ def test_select_rows_by_set_and_by_paper_row_number():
 
 
 def test_row_configs_and_run_folders():
-    """Sets B/D at the wide companion (×4 width, 32 steps; paper → paper-ch256); set D's steps; rows with the same
-    setting share a run folder; set-A rows keep the --methods folder names."""
+    """Sets B/D at the wide companion (× WIDE_FACTOR width, 32 steps; paper → paper-ch256); set D's steps; rows
+    with the same setting share a run folder; set-A rows keep the --methods folder names."""
     from contrareg_tf import experiment
-    from contrareg_tf.config import PRESETS, TABLE1_ROWS
+    from contrareg_tf.config import PRESETS, TABLE1_ROWS, WIDE_FACTOR
 
     cfg = get_preset("cpu-demo")
     by = {(r.set, r.label): r for r in TABLE1_ROWS}
     assert experiment.row_run_name(cfg, by[("A", "mCR")]) == "mcr"
     assert experiment.row_run_name(cfg, by[("C", "CR+MI+ExtNegs")]) == "cr_mi_extnegs"
     b4, d1, d3 = by[("B", "CR")], by[("D", "CR (10 int. steps)")], by[("D", "CR (32 int. steps)")]
-    assert experiment.row_run_name(cfg, b4) == experiment.row_run_name(cfg, d3) == "cr_ch64_ts32"
+    wide = WIDE_FACTOR * cfg.ch
+    assert experiment.row_run_name(cfg, b4) == experiment.row_run_name(cfg, d3) == f"cr_ch{wide}_ts32"
     rc = experiment.row_config(cfg, d1)
-    assert (rc.ch, rc.int_steps, rc.inshape) == (4 * cfg.ch, 10, cfg.inshape)
+    assert (rc.ch, rc.int_steps, rc.inshape) == (wide, 10, cfg.inshape)
     assert experiment.row_config(get_preset("paper"), b4) == PRESETS["paper-ch256"]
     assert experiment.row_run_name(cfg, by[("C", "mCR+RandAE")]) == "mcr_randae"
-    assert experiment.row_run_name(cfg, by[("B", "SM-shapes")]) == "sm-shapes_ch64"
+    assert experiment.row_run_name(cfg, by[("B", "SM-shapes")]) == f"sm-shapes_ch{wide}"
 
 
 def test_table1_paper_columns_sit_beside_each_row():

@@ -7,8 +7,9 @@
 ``--rows`` runs the paper's Table 1 by set (A, B, C, D; ``extra`` = CoRe, ACCR, ACCR without attention) or by
 row (A5 = CR, B1 = SM-brains, ...), labelled as in the paper with the paper's own Opt. λ / Dice / Dice30 /
 % folds / Sdlog|J| beside each row (Dey et al., MICCAI 2022, Table 1). Sets B and D run at the preset's wide
-companion (``config.wide_preset``: paper-ch256 for the paper, U-Net ×4 and 32 integration steps on the CPU
-presets); the SupPretrain rows start from one SupPretrain run (autoencoders and heads, ``<out>/suppretrain``).
+companion (``config.wide_preset``: paper-ch256 for the paper; U-Net × WIDE_FACTOR (2) and 32 integration steps
+on the CPU presets); the SupPretrain rows start from one SupPretrain run (autoencoders and heads,
+``<out>/suppretrain``).
 
 Builds the proxy data, pretrains (or loads) the two autoencoders, trains the λ-conditioned network for each
 method, evaluates the 17 λ values, prints Table 1 and writes table1.md/csv, fig3.png and fig2.png.
