@@ -42,6 +42,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],
-        "bench": ["antspyx", "itk-elastix"],
+        # peers of bench/bench_io.py that install cleanly from wheels (tested 2026-12-07, Python 3.11, numpy
+        # 1.26, TF 2.15): greedy (brings SimpleITK) and convexAdam (brings torch — install the CPU wheel first,
+        # `pip install torch --index-url https://download.pytorch.org/whl/cpu`, or pip pulls the CUDA build;
+        # torch 2.13.0+cpu tested). NiftyReg is left out: PyPI's `niftyreg` (1.5.70rc1) is a source build whose
+        # CMakeLists fails to configure with CMake >= 4 ("Compatibility with CMake < 3.5 has been removed").
+        # torch 2.13 wants setuptools >= 77.0.3; pip then takes the newest (84.2.1 on 2026-12-07), which has no
+        # pkg_resources (tensorboard's CLI imports it); 80.10.2 satisfies torch and still has it.
+        "bench": ["antspyx", "itk-elastix", "picsl-greedy==1.4.0.3", "convexadam==0.2.0", "setuptools>=77.0.3,<81"],
     },
 )

@@ -1,22 +1,46 @@
 #!/usr/bin/env python
 """Benchmark: instance optimisation (IO, DNS paper Table 4) with MIND-SSC (and DNS / autoencoder features
-when weights are given) against ANTs SyNOnly (Mattes MI) and elastix B-spline (MI) on the built-in data
+when weights are given) against peer registration tools, each run as a user would run it, on the built-in data
 (default source icbm2009c: moving = real ICBM 2009c T1w of subject a, fixed = real T2w of subject b, each with
 its own random diffeomorphism and intensity augmentation; CerebrA labels).
 
     python bench/bench_io.py                                   # 96³ @ 2 mm and 128³ @ 1.5 mm, 3 pairs each
-    python bench/bench_io.py --sizes 96:2 --pairs 2 --methods io-mindssc,ants,elastix
+    python bench/bench_io.py --sizes 96:2 --pairs 1 \
+        --methods ants,ants-syn,elastix,greedy,niftyreg,convexadam,io-mindssc --io-preset fast
     python bench/bench_io.py --sizes 96:2 --dns-model models/dns_proxy3d.h5 --ae1 A1.h5 --ae2 A2.h5
 
-Every method runs in its own worker process (peak RSS is per method); the table gives Dice (mean over
-the pair's structures — labels in both input maps —, then over pairs; and per coarse group of structures), % folding voxels (det J ≤ 0), std log|J| (det clipped at 1e-9),
-seconds per pair (IO: features + optimisation, first pair includes tf.function tracing) and the worker's
-peak RSS. ANTs / elastix displacement fields are physical (ITK) mm: the images are handed over with
-identity direction and isotropic spacing, so voxel displacement = field / spacing along each numpy axis
-(ITK's x = numpy axis 0 for ANTs' from_numpy, = the last numpy axis for itk.GetImageFromArray); the
-conversion is checked by re-warping the labels with the converted field against each tool's own
-nearest-neighbour resampling ("agree" column, fraction of equal voxels).
-Needs the ``bench`` extra for the peers: ``pip install antspyx itk-elastix``.
+Peers (the exact call of each is recorded in the results file):
+  ants        antspyx ``registration(type_of_transform="SyNOnly", syn_metric="mattes")``: deformable SyN only
+  ants-syn    antspyx ``registration(type_of_transform="SyN", syn_metric="mattes")``: an affine stage (Mattes
+              MI) THEN SyN; the scored displacement is the composition of both (``apply_transforms(compose=)``)
+  elastix     itk-elastix, elastix's default "bspline" parameter map (AdvancedMattesMutualInformation)
+  greedy      picsl-greedy (Greedy3D API = the greedy command line), ``-m NMI -n 100x50x10`` (greedy's
+              documented deformable schedule), default smoothing
+  niftyreg    NiftyReg ``reg_f3d --nmi`` (defaults otherwise), ``reg_transform -disp`` for the field
+  convexadam  convexAdam ``convex_adam_pt`` (MIND-SSC, coupled convex + Adam) with its default
+              hyperparameters, on the CPU
+A peer whose package is missing is skipped with one line "skipped <method>: <package> not installed".
+
+Every method runs in its own worker process (peak RSS is per method, including any child process); the table
+gives Dice (mean over the pair's structures — labels in both input maps —, then over pairs; and per coarse
+group of structures), Dice30 (``metrics.dice30`` of the per-pair mean Dice: with one pair, that pair's Dice),
+HD95 (``metrics.hd95`` in mm, nan-mean over the pair's structures, each structure computed on a crop around
+both its masks — exact, see ``hd95_mean``), % folding voxels (det J ≤ 0), std log|J| (det clipped at 1e-9),
+seconds per pair (the registration call only; IO: features + optimisation, first pair includes tf.function
+tracing) and the worker's peak RSS.
+
+Conversions to this project's displacement (φ(x) = x + u(x), voxel units, ij / numpy axes): the images are
+handed over with identity direction, origin 0 and isotropic spacing, so voxel displacement = physical field /
+spacing along each numpy axis. ITK's x is numpy axis 0 for ANTs' ``from_numpy`` and the last numpy axis for
+``itk.GetImageFromArray`` / ``SimpleITK.GetImageFromArray`` (elastix, greedy: components reversed); greedy's
+warp is ITK (LPS) physical, no sign flip; NiftyReg's displacement is NIfTI real-world along the array axes of
+an image saved with affine diag(spacing); convexAdam returns voxel displacements along the numpy axes
+already. Each conversion is checked ("agree" column): the fraction of voxels where labels warped with the
+converted field (scipy nearest neighbour) equal the tool's own nearest-neighbour resampling of the labels.
+convexAdam has no label resampler (its ``apply_convex`` is linear): its agree (marked "img") is the fraction
+of voxels where ``apply_convex`` of the moving image equals the project's ``ops.warp_array`` linear warp with
+the converted field within 1e-3.
+Needs the ``bench`` extra for the peers (``pip install -e .[bench]``; see setup.py for what installs cleanly).
 """
 import argparse
 import json
@@ -35,7 +59,8 @@ GROUPS = ("cortex", "subcortical", "ventricles", "cerebellum_brainstem")   # con
 
 # ------------------------------------------------------------------------------------------- workers
 def _rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak RSS (MB) of this worker or of any child process it waited for (NiftyReg's binaries)."""
+    return max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 1024.0
 
 
 def _load_pair(desc, a, b):
@@ -49,8 +74,30 @@ def _load_pair(desc, a, b):
     return fix, mov, flab, mlab
 
 
-def score(flab, mlab, moved, groups):
-    """Dice over the pair's structures (``metrics.pair_structures``): mean, and mean per coarse group."""
+def hd95_mean(flab, moved, ids, spacing, margin=2):
+    """Nan-mean over ``ids`` of ``metrics.hd95`` (mm), each structure on the crop of both label maps to the
+    bounding box of (fixed ∪ moved) mask plus ``margin`` voxels. Exact: both surfaces lie inside the crop and
+    the margin keeps the erosion that finds them unchanged (a crop edge that is an image edge stays one), so
+    every nearest-surface distance is the full-volume one; a 128³ pair's 100 structures take seconds instead
+    of minutes. A structure the warp lost scores nan (left out of the mean), as in ``metrics.hd95``."""
+    import numpy as np
+
+    from contrareg_tf import metrics
+
+    vals = []
+    for k in ids:
+        both = (flab == k) | (moved == k)
+        if not both.any():
+            continue
+        box = tuple(slice(max(0, int(ax.min()) - margin), int(ax.max()) + margin + 1) for ax in np.nonzero(both))
+        vals.append(metrics.hd95(flab[box], moved[box], spacing, labels=[int(k)]).get(int(k), np.nan))
+    vals = np.asarray(vals, dtype=np.float64)
+    return float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
+
+
+def score(flab, mlab, moved, groups, spacing=None):
+    """Dice over the pair's structures (``metrics.pair_structures``): mean, and mean per coarse group; HD95
+    (mm, ``hd95_mean``) when ``spacing`` is given."""
     import numpy as np
 
     from contrareg_tf import metrics
@@ -59,7 +106,10 @@ def score(flab, mlab, moved, groups):
     d = metrics.dice_per_label(flab, moved, ids)
     per = {g: float(np.mean(d[[groups.get(int(k)) == g for k in ids]])) for g in GROUPS
            if any(groups.get(int(k)) == g for k in ids)}
-    return {"dice_mean": float(np.mean(d)), "dice": per}
+    out = {"dice_mean": float(np.mean(d)), "dice": per}
+    if spacing is not None:
+        out["hd95_mean"] = hd95_mean(flab, moved, ids, spacing)
+    return out
 
 
 def _warp_labels_np(lab, u):
@@ -70,7 +120,16 @@ def _warp_labels_np(lab, u):
     return ndimage.map_coordinates(lab, grid + np.moveaxis(u, -1, 0), order=0, mode="nearest")
 
 
-def _run_io(fix, mov, spacing, opts, features):
+def _timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+# Each runner returns dict(u=voxel displacement (*vol, 3), sec=registration seconds, call=the exact call as a
+# string, and either own=the tool's own nearest-neighbour resampling of the moving labels or agree=a
+# precomputed conversion check with agree_on=what it compares).
+def _run_io(fix, mov, spacing, opts, mlab, features):
     from contrareg_tf.config import IO_PRESETS
     from contrareg_tf.instance_opt import instance_optimise
     from contrareg_tf.ops import warp_array as warp
@@ -83,27 +142,37 @@ def _run_io(fix, mov, spacing, opts, features):
         kw.update(ae_models=(opts["ae1"], opts["ae2"]), moving_modality="t1")
     if opts.get("iters"):
         kw["iters"] = opts["iters"]
-    t = time.perf_counter()
-    res = instance_optimise(fix[None, ..., None], mov[None, ..., None], features=features, progress=False, **kw)
-    sec = time.perf_counter() - t
-    return res.disp[0], sec, None, lambda lab: warp(lab[None, ..., None], res.disp, "nearest")[0, ..., 0]
+    res, sec = _timed(lambda: instance_optimise(fix[None, ..., None], mov[None, ..., None], features=features,
+                                                progress=False, **kw))
+    moved_io = warp(mlab[None, ..., None], res.disp, "nearest")[0, ..., 0]
+    # IO's own (TF) nearest-neighbour warp vs the scipy warp used for scoring
+    return dict(u=res.disp[0], sec=sec, own=moved_io,
+                call=f"instance_optimise(fixed, moving, features={features!r}, progress=False, **{kw})")
 
 
-def _run_ants(fix, mov, spacing, opts, mlab):
+def _run_ants(fix, mov, spacing, opts, mlab, transform="SyNOnly"):
     import ants
     import numpy as np
 
     sp = (float(spacing),) * fix.ndim
     f = ants.from_numpy(fix.astype("float32"), spacing=sp)
     m = ants.from_numpy(mov.astype("float32"), spacing=sp)
-    t = time.perf_counter()
-    reg = ants.registration(f, m, type_of_transform="SyNOnly", syn_metric="mattes")
-    sec = time.perf_counter() - t
-    field = ants.image_read(reg["fwdtransforms"][0]).numpy()          # (*vol, ndim) physical mm, ITK x = axis 0
+    kw = dict(type_of_transform=transform, syn_metric="mattes")
+    reg, sec = _timed(lambda: ants.registration(f, m, **kw))
+    with tempfile.TemporaryDirectory() as scratch:
+        # SyN: [warp, affine.mat] -> one displacement field (physical mm, ITK x = numpy axis 0)
+        comp = ants.apply_transforms(f, m, reg["fwdtransforms"], compose=os.path.join(scratch, "c"))
+        field = ants.image_read(comp).numpy()
     u = field / np.asarray(sp)
     own = ants.apply_transforms(f, ants.from_numpy(mlab.astype("float32"), spacing=sp), reg["fwdtransforms"],
                                 interpolator="nearestNeighbor").numpy()
-    return u, sec, np.rint(own).astype("int32"), None
+    call = (f"ants.registration(fixed, moving, {', '.join(f'{k}={v!r}' for k, v in kw.items())}); "
+            "ants.apply_transforms(fixed, moving, reg['fwdtransforms'], compose=prefix)")
+    return dict(u=u, sec=sec, own=np.rint(own).astype("int32"), call=call)
+
+
+def _run_ants_syn(fix, mov, spacing, opts, mlab):
+    return _run_ants(fix, mov, spacing, opts, mlab, transform="SyN")
 
 
 def _run_elastix(fix, mov, spacing, opts, mlab):
@@ -120,16 +189,131 @@ def _run_elastix(fix, mov, spacing, opts, mlab):
     f, m = img(fix), img(mov)
     po = itk.ParameterObject.New()
     po.AddParameterMap(po.GetDefaultParameterMap("bspline"))
-    t = time.perf_counter()
-    _, params = itk.elastix_registration_method(f, m, parameter_object=po, log_to_console=False)
-    sec = time.perf_counter() - t
+    (_, params), sec = _timed(lambda: itk.elastix_registration_method(f, m, parameter_object=po,
+                                                                      log_to_console=False))
     with tempfile.TemporaryDirectory() as scratch:  # transformix writes deformationField.nii there (default: cwd)
         field = itk.GetArrayFromImage(itk.transformix_deformation_field(m, params, output_directory=scratch))
-    # numpy axes reversed
     u = field[..., ::-1] / float(spacing)  # component k of ITK = numpy axis (ndim-1-k)
     params.SetParameter(0, "FinalBSplineInterpolationOrder", "0")
     own = itk.GetArrayFromImage(itk.transformix_filter(img(mlab), params))
-    return u, sec, np.rint(own).astype("int32"), None
+    pm = po.GetParameterMap(0)
+    call = ("po = itk.ParameterObject.New(); po.AddParameterMap(po.GetDefaultParameterMap('bspline')); "
+            "itk.elastix_registration_method(fixed, moving, parameter_object=po, log_to_console=False)  # "
+            + ", ".join(f"{k}={' '.join(pm[k])}" for k in ("Metric", "Transform", "FinalGridSpacingInPhysicalUnits",
+                                                         "NumberOfResolutions", "MaximumNumberOfIterations")
+                        if k in pm))
+    return dict(u=u, sec=sec, own=np.rint(own).astype("int32"), call=call)
+
+
+GREEDY_CMD = "-d 3 -threads {threads} -m NMI -i fixed moving -n 100x50x10 -o warp"
+
+
+def _run_greedy(fix, mov, spacing, opts, mlab):
+    import io
+
+    import numpy as np
+    import SimpleITK as sitk
+    from picsl_greedy import Greedy3D
+
+    def img(a):
+        im = sitk.GetImageFromArray(np.ascontiguousarray(a.astype("float32")))
+        im.SetSpacing([float(spacing)] * a.ndim)
+        return im
+
+    g = Greedy3D()
+    cmd = GREEDY_CMD.format(threads=opts["threads"])
+    log = io.StringIO()
+    _, sec = _timed(lambda: g.execute(cmd, fixed=img(fix), moving=img(mov), warp=None, out=log, err=log))
+    field = sitk.GetArrayFromImage(g["warp"])                # (*numpy vol, 3): ITK (x, y, z) physical mm
+    u = field[..., ::-1] / float(spacing)
+    res_cmd = "-d 3 -rf fixed -ri NN -rm labels moved -r warp"
+    g.execute(res_cmd, labels=img(mlab), moved=None, out=log, err=log)
+    own = np.rint(sitk.GetArrayFromImage(g["moved"])).astype("int32")
+    return dict(u=u, sec=sec, own=own, call=f"Greedy3D().execute({cmd!r}, fixed=<sitk T2w>, moving=<sitk T1w>, "
+                                         f"warp=None); warp = g['warp']")
+
+
+def _niftyreg_bin(name):
+    """Path of a NiftyReg executable: the ``niftyreg`` package's bin folder, else PATH."""
+    import glob
+    import shutil
+
+    import niftyreg
+
+    here = os.path.dirname(os.path.abspath(niftyreg.__file__))
+    for cand in glob.glob(os.path.join(here, "**", name), recursive=True):
+        if os.access(cand, os.X_OK) and os.path.isfile(cand):
+            return cand
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found in the niftyreg package ({here}) nor on PATH")
+    return found
+
+
+NIFTYREG_F3D = "reg_f3d -ref fixed.nii -flo moving.nii -cpp cpp.nii -res res.nii --nmi -omp {threads}"
+
+
+def _run_niftyreg(fix, mov, spacing, opts, mlab):
+    import nibabel as nib
+    import numpy as np
+
+    aff = np.diag([float(spacing)] * 3 + [1.0])
+    with tempfile.TemporaryDirectory() as d:
+        for name, a in (("fixed", fix), ("moving", mov), ("labels", mlab)):
+            nib.save(nib.Nifti1Image(np.asarray(a, np.float32), aff), os.path.join(d, name + ".nii"))
+        cmd = NIFTYREG_F3D.format(threads=opts["threads"])
+        argv = [_niftyreg_bin("reg_f3d")] + cmd.split()[1:]
+
+        def run(args):
+            r = subprocess.run(args, cwd=d, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"{os.path.basename(args[0])} failed: {(r.stderr or r.stdout).strip()[-300:]}")
+
+        _, sec = _timed(lambda: run(argv))
+        run([_niftyreg_bin("reg_transform"), "-ref", "fixed.nii", "-disp", "cpp.nii", "disp.nii"])
+        run([_niftyreg_bin("reg_resample"), "-ref", "fixed.nii", "-flo", "labels.nii", "-trans", "cpp.nii",
+             "-res", "moved.nii", "-inter", "0"])
+        field = np.asarray(nib.load(os.path.join(d, "disp.nii")).dataobj, np.float64)   # (*vol, 1, 3) mm
+        own = np.rint(np.asarray(nib.load(os.path.join(d, "moved.nii")).dataobj)).astype("int32")
+    u = field.reshape(fix.shape + (3,)) / float(spacing)
+    return dict(u=u, sec=sec, own=own, call=cmd + "; reg_transform -ref fixed.nii -disp cpp.nii disp.nii")
+
+
+CONVEXADAM_KW = {}   # convex_adam_pt's own defaults (mind_r=1, mind_d=2, lambda_weight=1.25, grid_sp=6, disp_hw=4,
+#                      selected_niter=80, selected_smooth=0, grid_sp_adam=2, ic=True)
+
+
+def _run_convexadam(fix, mov, spacing, opts, mlab):
+    import inspect
+
+    import numpy as np
+    import torch
+    from convexAdam.apply_convex import apply_convex
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    from contrareg_tf.ops import warp_array
+
+    torch.set_num_threads(opts["threads"])
+    disp, sec = _timed(lambda: convex_adam_pt(img_fixed=fix, img_moving=mov, device=torch.device("cpu"),
+                                              **CONVEXADAM_KW))
+    u = np.asarray(disp, np.float64)                 # voxels, numpy axes already (apply_convex: map_coordinates)
+    theirs = apply_convex(disp=disp, moving=mov)
+    ours = warp_array(mov, u.astype(np.float32), "linear")
+    defaults = {k: v.default for k, v in inspect.signature(convex_adam_pt).parameters.items()
+                if k in ("mind_r", "mind_d", "lambda_weight", "grid_sp", "disp_hw", "selected_niter",
+                         "selected_smooth", "grid_sp_adam", "ic")}
+    return dict(u=u, sec=sec, agree=float(np.mean(np.abs(theirs - ours) <= 1e-3)), agree_on="img",
+                call=f"convexAdam.convex_adam_MIND.convex_adam_pt(img_fixed=fixed, img_moving=moving, "
+                     f"device=torch.device('cpu'))  # defaults {defaults}; torch.set_num_threads({opts['threads']})")
+
+
+# method -> (runner, pip package, import name)
+PEERS = {"ants": (_run_ants, "antspyx", "ants"),
+         "ants-syn": (_run_ants_syn, "antspyx", "ants"),
+         "elastix": (_run_elastix, "itk-elastix", "itk"),
+         "greedy": (_run_greedy, "picsl-greedy", "picsl_greedy"),
+         "niftyreg": (_run_niftyreg, "niftyreg", "niftyreg"),
+         "convexadam": (_run_convexadam, "convexadam", "convexAdam")}
 
 
 def worker(spec):
@@ -145,22 +329,23 @@ def worker(spec):
     groups = {int(k): v for k, v in spec["groups"].items()}
     base = _rss_mb()
     rows = []
+    call = None
     for a, b in spec["pairs"]:
         fix, mov, flab, mlab = _load_pair(desc, a, b)
         method = spec["method"]
         if method.startswith("io-"):
-            u, sec, own, warp_fn = _run_io(fix, mov, spec["spacing"], spec, method[3:])
-            moved = warp_fn(mlab)
-            agree = float(np.mean(moved == _warp_labels_np(mlab, u)))
+            r = _run_io(fix, mov, spec["spacing"], spec, mlab, method[3:])
         else:
-            run = _run_ants if method == "ants" else _run_elastix
-            u, sec, own, _ = run(fix, mov, spec["spacing"], spec, mlab)
-            moved = _warp_labels_np(mlab, u)
-            agree = float(np.mean(moved == own))
-        jac = metrics.jacobian_determinant(u)
-        rows.append({"pair": [a, b], **score(flab, mlab, moved, groups), "folds_pct": metrics.folding_fraction(jac),
-                     "std_log_jac": metrics.std_log_jacobian(jac), "seconds": sec, "agree": agree})
-    print("RESULT " + json.dumps({"rows": rows, "peak_rss_mb": _rss_mb(), "base_rss_mb": base}), flush=True)
+            r = PEERS[method][0](fix, mov, spec["spacing"], spec, mlab)
+        moved = _warp_labels_np(mlab, r["u"])
+        agree = float(np.mean(moved == r["own"])) if "own" in r else r["agree"]
+        jac = metrics.jacobian_determinant(r["u"])
+        call = r["call"]
+        rows.append({"pair": [a, b], **score(flab, mlab, moved, groups, spec["spacing"]),
+                     "folds_pct": metrics.folding_fraction(jac), "std_log_jac": metrics.std_log_jacobian(jac),
+                     "seconds": r["sec"], "agree": agree, "agree_on": r.get("agree_on", "labels")})
+    print("RESULT " + json.dumps({"rows": rows, "peak_rss_mb": _rss_mb(), "base_rss_mb": base, "call": call}),
+          flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -172,16 +357,17 @@ def parse(argv):
                    help="proxy SVF amplitude in mm (8 voxels at 1.5 mm, as in issue 13's measurements)")
     p.add_argument("--methods", default=None,
                    help="comma list from io-mindssc, io-mind, io-dns, io-ae (each optionally -<preset>, e.g. "
-                        "io-mindssc-fast), ants, elastix, greedy, niftyreg, convexadam (peers not installed are "
-                        "skipped with a note) (default: io-mindssc [+io-dns, io-ae when weights are given], ants, "
-                        "elastix)")
+                        "io-mindssc-fast), ants, ants-syn, elastix, greedy, niftyreg, convexadam (peers not "
+                        "installed are skipped with a note) (default: io-mindssc [+io-dns, io-ae when weights are "
+                        "given], ants, elastix)")
     p.add_argument("--dns-model", help="MASR-Net weights (3-D .h5) for io-dns")
     p.add_argument("--ae1", help="T1w autoencoder weights for io-ae")
     p.add_argument("--ae2", help="T2w autoencoder weights for io-ae")
     p.add_argument("--iters", help="IO iterations per level, e.g. 100,80,50 (default: the preset's)")
     p.add_argument("--io-preset", default="paper",
                    help="IO schedule (config.IO_PRESETS) of io-<features> methods without a -<preset> suffix")
-    p.add_argument("--threads", type=int, default=2, help="threads for ANTs / elastix (TF uses all cores)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads for the peers (ITK / OpenMP / torch; TF uses all cores)")
     p.add_argument("--data-source", default="icbm2009c", help="built-in data: icbm2009c or mni2009a-synth")
     p.add_argument("--cache", default=None, help="proxy cache folder (default: contrareg_tf cache)")
     p.add_argument("--out", default=None, help="markdown table (default bench/results/io_<date>.md)")
@@ -208,14 +394,15 @@ def _dice_cells(rows):
     return f"{dm.mean():.3f} ± {dm.std():.3f} | " + " | ".join(f"{v:.3f}" for v in per)
 
 
-def _dice30(rows):
-    """Mean Dice of the lowest 30 % of pairs (at least one pair; Learn2Reg's DSC30); '' for one pair."""
+def _dice30_hd95(rows):
+    """Dice30 (``metrics.dice30`` of the per-pair mean Dice; one pair -> its Dice) | mean HD95 over pairs."""
     import numpy as np
 
-    if len(rows) < 2:
-        return ""
-    d = np.sort([r["dice_mean"] for r in rows])
-    return f"{d[:max(1, int(round(0.3 * len(d))))].mean():.3f}"
+    from contrareg_tf import metrics
+
+    hd = [r["hd95_mean"] for r in rows if "hd95_mean" in r]
+    return (f"{metrics.dice30([r['dice_mean'] for r in rows]):.3f} | "
+            + (f"{np.nanmean(hd):.2f}" if hd and np.isfinite(hd).any() else ""))
 
 
 def _fmt_rows(size, spacing, method, res, ants_sec=None):
@@ -224,16 +411,37 @@ def _fmt_rows(size, spacing, method, res, ants_sec=None):
     rows = res["rows"]
     sec = float(np.mean([r["seconds"] for r in rows]))
     ratio = f"{sec / ants_sec:.2f}" if ants_sec else ""
-    return (f"| {size}³ @ {spacing:g} mm | {method} | {_dice_cells(rows)} | {_dice30(rows)}"
+    on = " (img)" if any(r.get("agree_on") == "img" for r in rows) else ""
+    return (f"| {size}³ @ {spacing:g} mm | {method} | {_dice_cells(rows)} | {_dice30_hd95(rows)}"
             + f" | {np.mean([r['folds_pct'] for r in rows]):.3f} | {np.mean([r['std_log_jac'] for r in rows]):.3f}"
             f" | {sec:.1f} | {ratio} | {res['peak_rss_mb'] / 1024:.2f}"
-            f" | {min(r['agree'] for r in rows):.4f} |")
+            f" | {min(r['agree'] for r in rows):.4f}{on} |")
 
 
-PEERS_MISSING = {"greedy": "picsl-greedy (pip install picsl-greedy) is not wired into this benchmark yet",
-                 "niftyreg": "NiftyReg (reg_f3d) has no pip package here",
-                 "convexadam": "convexAdam needs PyTorch, not in this environment"}
+def _missing(method):
+    """The pip package a peer method needs when it is not importable here, else None."""
+    import importlib.util
+
+    _, package, module = PEERS[method]
+    return None if importlib.util.find_spec(module) is not None else package
+
+
 IO_FEATURES = ("mindssc", "mind", "dns", "ae")
+
+
+def _versions(methods):
+    """'package version' of the peers and the deep-learning frameworks used in this run."""
+    from importlib import metadata
+
+    pk = {PEERS[m][1] for m in methods if m in PEERS} | ({"torch"} if "convexadam" in methods else set())
+    pk |= {"tensorflow"} if any(m.startswith("io-") for m in methods) else set()
+    out = []
+    for p in sorted(pk):
+        try:
+            out.append(f"{p} {metadata.version(p)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{p} ?")
+    return "Versions: " + ", ".join(out) + "."
 
 
 def main(argv=None):
@@ -250,6 +458,7 @@ def main(argv=None):
     from contrareg_tf.config import IO_PRESETS
 
     methods = _methods(a)
+    skipped = []
     if a.io_preset not in IO_PRESETS:
         raise ContraRegInputError(f"--io-preset: unknown preset {a.io_preset!r}; choose one of {sorted(IO_PRESETS)}")
     for m in list(methods):
@@ -257,10 +466,11 @@ def main(argv=None):
         if m.startswith("io-") and (feat not in IO_FEATURES or (preset and preset not in IO_PRESETS)):
             raise ContraRegInputError(f"--methods: unknown method {m!r} (io-<{'|'.join(IO_FEATURES)}>"
                                       f"[-<{'|'.join(IO_PRESETS)}>])")
-        if not m.startswith("io-") and m not in ("ants", "elastix") and m not in PEERS_MISSING:
-            raise ContraRegInputError(f"--methods: unknown method {m!r}")
-        if m in PEERS_MISSING:
-            print(f"# skipped {m}: {PEERS_MISSING[m]}", flush=True)
+        if not m.startswith("io-") and m not in PEERS:
+            raise ContraRegInputError(f"--methods: unknown method {m!r} (peers: {', '.join(PEERS)})")
+        if m in PEERS and _missing(m):
+            skipped.append(f"skipped {m}: {_missing(m)} not installed")
+            print(skipped[-1], flush=True)
             methods.remove(m)
         if feat == "dns" and not a.dns_model:
             raise ContraRegInputError(f"--methods {m} needs --dns-model")
@@ -274,11 +484,12 @@ def main(argv=None):
     iters = [int(t) for t in a.iters.split(",")] if a.iters else None
 
     cols = (["volume", "method", "Dice mean ± sd"] + list(GROUPS)
-            + ["Dice30", "% folds", "std log\\|J\\|", "s / pair", "time / ANTs", "peak RSS GB", "agree"])
+            + ["Dice30", "HD95 mm", "% folds", "std log\\|J\\|", "s / pair", "time / ANTs", "peak RSS GB", "agree"])
     header = "| " + " | ".join(cols) + " |"
     lines = [header, "|" + "---|" * len(cols)]
     print(header, flush=True)
-    raw = {}
+    raw, calls = {}, {}
+    load = os.getloadavg()
     for size, spacing in sizes:
         t0 = time.time()
         desc = proxy.build_proxy(None if a.cache is None else os.path.join(a.cache, f"io_{size}_{spacing:g}"),
@@ -290,10 +501,10 @@ def main(argv=None):
         before, ceil = [], []
         for i, j in pairs:
             _, _, flab, mlab = _load_pair(desc, i, j)
-            before.append(score(flab, mlab, mlab, groups))
-            ceil.append(score(flab, mlab, _warp_labels_np(mlab, proxy.true_pair_warp(desc, i, j)), groups))
+            before.append(score(flab, mlab, mlab, groups, spacing))
+            ceil.append(score(flab, mlab, _warp_labels_np(mlab, proxy.true_pair_warp(desc, i, j)), groups, spacing))
         for name, rows in (("before registration", before), ("true warp (ceiling)", ceil)):
-            line = f"| {size}³ @ {spacing:g} mm | {name} | {_dice_cells(rows)} | {_dice30(rows)} | | | | | | |"
+            line = f"| {size}³ @ {spacing:g} mm | {name} | {_dice_cells(rows)} | {_dice30_hd95(rows)} | | | | | | |"
             lines.append(line)
             print(line, flush=True)
         ants_sec = None
@@ -311,6 +522,7 @@ def main(argv=None):
             else:
                 out = json.loads(res[0][7:])
                 raw[f"{size}:{m}"] = out
+                calls[m] = out.get("call")
                 if m == "ants":
                     ants_sec = float(np.mean([r["seconds"] for r in out["rows"]]))
                 line = _fmt_rows(size, spacing, m, out, ants_sec)
@@ -323,7 +535,9 @@ def main(argv=None):
         f.write(f"# IO benchmark ({time.strftime('%Y-%m-%d %H:%M')})\n\n")
         f.write(f"Command: `python bench/bench_io.py {' '.join(argv if argv is not None else sys.argv[1:])}`  \n")
         f.write(f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores; "
-                f"python {platform.python_version()}.  \n"
+                f"python {platform.python_version()}; load average (1, 5, 15 min) at start "
+                f"{', '.join(f'{v:.2f}' for v in load)}, at end {', '.join(f'{v:.2f}' for v in os.getloadavg())}."
+                f"  \n{_versions(methods)}  \n"
                 f"Built-in data ({a.data_source}): moving = T1w of subject 2i, fixed = T2w of subject 2i+1; Dice "
                 "over each pair's labels (structures in both maps), per coarse group in the columns; "
                 f"SVF max {a.max_disp_mm:g} mm per subject.  \n"
@@ -331,10 +545,17 @@ def main(argv=None):
                 f"= that preset): {'; '.join(f'{k}: {v.schedule()}' for k, v in IO_PRESETS.items())}"
                 f"{'; iters overridden: ' + a.iters if a.iters else ''}.  \n"
                 "time / ANTs = s / pair over ANTs SyNOnly's s / pair measured in the same run (each method in its "
-                "own worker process, one after the other on the same machine); Dice30 = mean of the lowest 30 % "
-                "of pairs (empty for one pair).  \n"
+                "own worker process, one after the other on the same machine); Dice30 = metrics.dice30 of the "
+                "per-pair mean Dice (mean of the lowest ceil(30 %) of pairs; one pair -> that pair's Dice); HD95 = "
+                "metrics.hd95 (mm), mean over the pair's structures, then over pairs.  \n"
                 "agree = fraction of voxels where labels warped with our converted displacement equal the tool's "
-                "own nearest-neighbour resampling (IO: vs scipy map_coordinates).\n\n")
+                "own nearest-neighbour resampling (IO: its TF nearest warp vs scipy map_coordinates; (img): "
+                "convexAdam's apply_convex of the moving image vs ops.warp_array with the converted field, "
+                "|diff| <= 1e-3).\n\n"
+                + "".join(f"{l}  \n" for l in skipped)
+                + ("\nExact calls (fixed = T2w of subject 2i+1, moving = T1w of subject 2i, identity direction, "
+                   "origin 0, the size's spacing):\n\n" + "".join(f"- `{m}`: `{c}`\n" for m, c in calls.items())
+                   + "\n" if calls else ""))
         f.write("\n".join(lines) + "\n\n<details><summary>raw per-pair results</summary>\n\n```json\n"
                 + json.dumps(raw, indent=1) + "\n```\n</details>\n")
     print(f"wrote {out}")
