@@ -307,6 +307,14 @@ def _run_convexadam(fix, mov, spacing, opts, mlab):
                      f"device=torch.device('cpu'))  # defaults {defaults}; torch.set_num_threads({opts['threads']})")
 
 
+# what the recorded call alone does not say
+NOTES = {"ants": "deformable only (no affine stage)",
+         "ants-syn": "an affine stage (Mattes MI) then SyN: scored on the composition of both",
+         "elastix": "elastix's default B-spline map: no affine stage, bending-energy penalty included",
+         "greedy": "no affine stage; greedy's default smoothing (-s 1.732vox 0.7071vox)",
+         "niftyreg": "no affine stage; reg_f3d defaults otherwise",
+         "convexadam": "no affine stage; agree checked on the image (the package resamples linearly only)"}
+
 # method -> (runner, pip package, import name)
 PEERS = {"ants": (_run_ants, "antspyx", "ants"),
          "ants-syn": (_run_ants_syn, "antspyx", "ants"),
@@ -554,7 +562,9 @@ def main(argv=None):
                 "|diff| <= 1e-3).\n\n"
                 + "".join(f"{l}  \n" for l in skipped)
                 + ("\nExact calls (fixed = T2w of subject 2i+1, moving = T1w of subject 2i, identity direction, "
-                   "origin 0, the size's spacing):\n\n" + "".join(f"- `{m}`: `{c}`\n" for m, c in calls.items())
+                   "origin 0, the size's spacing):\n\n"
+                   + "".join(f"- `{m}`: `{c}`" + (f" ({NOTES[m]})" if m in NOTES else "") + "\n"
+                             for m, c in calls.items())
                    + "\n" if calls else ""))
         f.write("\n".join(lines) + "\n\n<details><summary>raw per-pair results</summary>\n\n```json\n"
                 + json.dumps(raw, indent=1) + "\n```\n</details>\n")
