@@ -130,7 +130,8 @@ class IOConfig:
     level's n inside each step (1 = dense, the paper; convexAdam's grid_sp_adam = 2). ``convex_init``: start
     from convexAdam's coupled-convex discrete solution (Siebert et al. 2021; not in the paper, off here) on
     cells of ``convex_grid`` voxels with labels ±``convex_hw`` cells, coupling weights ``convex_coeffs``
-    (convexAdam's) and ``convex_ic_iters`` inverse-consistency iterations (convexAdam's 15; 0 = forward only);
+    (convexAdam's), ``convex_ic_iters`` inverse-consistency iterations (convexAdam's 15; 0 = forward only) and
+    ``convex_cost_smooth`` 3^n box passes over the cost volume (convexAdam's 2);
     equations in ``instance_opt``'s module docstring."""
     name: str = "paper"
     levels: int = 3
@@ -148,6 +149,7 @@ class IOConfig:
     convex_hw: int = 3
     convex_coeffs: Tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     convex_ic_iters: int = 15
+    convex_cost_smooth: int = 2
 
     def schedule(self) -> dict:
         """The ``instance_opt.instance_optimise`` keyword arguments of this preset."""
@@ -157,7 +159,8 @@ class IOConfig:
                     sample_stride=(self.sample_stride if isinstance(self.sample_stride, int)
                                    else list(self.sample_stride)), grid_step=self.grid_step,
                     convex_init=self.convex_init, convex_grid=self.convex_grid, convex_hw=self.convex_hw,
-                    convex_coeffs=list(self.convex_coeffs), convex_ic_iters=self.convex_ic_iters)
+                    convex_coeffs=list(self.convex_coeffs), convex_ic_iters=self.convex_ic_iters,
+                    convex_cost_smooth=self.convex_cost_smooth)
 
 
 IO_PAPER = IOConfig()

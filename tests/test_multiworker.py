@@ -98,9 +98,9 @@ def test_two_workers_match_single_process_and_resume_from_chief(tmp_path, monkey
     codes, errs = _run_workers(out, STEPS, tmp_path)
     assert codes == [0, 0], "\n---\n".join(e[-3000:] for e in errs)
     _assert_same_weights(out, refs[STEPS])
-    # the chief alone wrote --out (no worker lock left, no worker checkpoint); worker 1's temporary checkpoint
-    # folder is gone
-    assert sorted(os.listdir(out)) == ["card.json", "ckpt", "config.json", "model.h5", "tb"]
+    # the chief alone wrote --out (no worker lock left, no worker checkpoint, one validation curve); worker 1's
+    # temporary checkpoint folder is gone
+    assert sorted(os.listdir(out)) == ["card.json", "ckpt", "config.json", "model.h5", "tb", "val_curve.csv"]
     assert os.listdir(tmp_path / "tmp1") == []
     with open(os.path.join(out, "card.json")) as f:
         assert json.load(f)["steps_run"] == STEPS
