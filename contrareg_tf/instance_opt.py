@@ -201,6 +201,9 @@ def _load_model(obj, loader, what):
     return obj
 
 
+_MIND_FEATURES = ("mindssc", "mind")
+
+
 @functools.lru_cache(maxsize=None)
 def _mind_fn(variant, distance, patch):
     """MIND / MIND-SSC as one XLA-compiled function (``losses.mind``'s equations; one per setting, retraced per
@@ -229,7 +232,7 @@ def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None,
         return features[0], features[1]
     if callable(features):
         return features, features
-    if features in ("mindssc", "mind"):
+    if features in _MIND_FEATURES:
         f = _mind_fn(features, int(mind_distance), int(mind_patch))
         return f, f
     if features == "dns":
@@ -375,6 +378,11 @@ def convex_init_fn(df, dm, grid=IO_PAPER.convex_grid, hw=IO_PAPER.convex_hw, coe
     return u * float(g)
 
 
+def _control_shape(shape, grid_step):
+    """The control grid of a level of ``shape``: ``grid_step`` voxels per control point, at least 2 per axis."""
+    return tuple(max(2, int(round(n / grid_step))) for n in shape)
+
+
 def _convex_param(u, grid, vol, pshape):
     """Normalised parameter on the control grid ``pshape`` (spanning the full-size ``vol``) of the cell-grid
     displacement ``u`` (full-size voxels; module docstring, step 5)."""
@@ -518,8 +526,8 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
         raise ContraRegInputError(f"need sample_stride >= 1 and grid_step >= 1; got {strides}, {grid_step}")
     if convex_init:
         coeffs = [float(a) for a in np.atleast_1d(convex_coeffs)]
-        if int(convex_grid) < 1 or int(convex_hw) < 1 or min(int(convex_ic_iters), int(convex_cost_smooth)) < 0 or not all(
-                math.isfinite(a) and a >= 0 for a in coeffs):
+        if (int(convex_grid) < 1 or int(convex_hw) < 1 or min(int(convex_ic_iters), int(convex_cost_smooth)) < 0
+                or not all(math.isfinite(a) and a >= 0 for a in coeffs)):
             raise ContraRegInputError(f"need convex_grid >= 1, convex_hw >= 1, convex_ic_iters >= 0, "
                                       f"convex_cost_smooth >= 0 and finite convex_coeffs >= 0; got {convex_grid}, "
                                       f"{convex_hw}, {convex_ic_iters}, {convex_cost_smooth}, {coeffs}")
@@ -527,7 +535,7 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     shapes = level_shapes(vol, levels, min_scale, max_scale)
 
     f_fix, f_mov = feature_provider(features, ndim=ndim, **feature_kwargs)
-    batch_pair = isinstance(features, str) and features in ("mindssc", "mind")
+    batch_pair = isinstance(features, str) and features in _MIND_FEATURES   # one function for both images
 
     full = {}
 
@@ -562,13 +570,12 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
         t2 = time.perf_counter()
         u_convex = convex_init_fn(df, dm, convex_grid, convex_hw, coeffs, int(convex_ic_iters),
                                   int(convex_cost_smooth))
-        pshape0 = tuple(max(2, int(round(n / grid_step))) for n in shapes[0])
-        param = _convex_param(u_convex, convex_grid, vol, pshape0)
+        param = _convex_param(u_convex, convex_grid, vol, _control_shape(shapes[0], grid_step))
         t_feat, t_convex = t2 - t1, time.perf_counter() - t2
         u_convex = u_convex.numpy()
     bar = tqdm(total=sum(iters), disable=not progress, desc="IO", leave=False)
     for lvl, shape in enumerate(shapes):
-        pshape_l = tuple(max(2, int(round(n / grid_step))) for n in shape)
+        pshape_l = _control_shape(shape, grid_step)
         if tuple(param.shape[1:-1]) != pshape_l:
             param = ops.resize_linear(param, pshape_l)
         t_lvl = time.perf_counter()
@@ -620,6 +627,7 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
 
 
 __all__ = ["instance_optimise", "check_schedule", "convex_init_fn", "cost_volume", "coupled_convex",
-           "inverse_consistent", "pool_features", "convex_offsets", "IOResult", "feature_provider", "ae_features", "level_shapes",
+           "inverse_consistent", "pool_features", "convex_offsets", "IOResult", "feature_provider", "ae_features",
+           "level_shapes",
            "FEATURE_NAMES", "IO_LRS", "IO_ITERS",
            "IO_REG_WEIGHTS", "IO_LEVELS", "IO_SMOOTH_SIGMA", "IO_MIN_SCALE"]
