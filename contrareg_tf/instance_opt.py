@@ -205,15 +205,23 @@ _MIND_FEATURES = ("mindssc", "mind")
 
 
 @functools.lru_cache(maxsize=None)
-def _mind_fn(variant, distance, patch):
-    """MIND / MIND-SSC as one XLA-compiled function (``losses.mind``'s equations; one per setting, retraced per
-    shape). Fixed and moving go through it as one batch of two: at 128³ on 2 CPU cores 0.96 s (+0.7 s compile)
-    vs 3.4–3.9 s eager; same numbers up to float rounding."""
+def _mind_fn(variant, distance, patch, sigma=0.0, shapes=None, grid=0):
+    """MIND / MIND-SSC (``losses.mind``'s equations) as one XLA-compiled function, one per setting (retraced per
+    input shape); fixed and moving go through it as one batch of two. ``shapes`` None: the descriptors;
+    otherwise a tuple: ψ_σ of them resized (``ops.resize_linear``) to each shape of ``shapes``, then, ``grid``
+    > 0, pooled on ``grid``-voxel cells (``pool_features``; the convex start). Fused, the convex preset's
+    descriptors at 2 × 128³ take 1.2–1.4 s vs 2.1–2.4 s as separate calls (2 CPU cores, after the first call);
+    the descriptors alone 1.1–1.3 s vs 3.5–5.8 s eager. Same numbers up to float rounding."""
     from .losses import mind as M
 
-    if variant == "mindssc":
-        return tf.function(lambda x: M.mind_ssc(x, distance, patch // 2), jit_compile=True)
-    return tf.function(lambda x: M.mind(x, distance, patch), jit_compile=True)
+    def fn(x):
+        d = M.mind_ssc(x, distance, patch // 2) if variant == "mindssc" else M.mind(x, distance, patch)
+        if shapes is None:
+            return d
+        d = ops.gaussian_smooth(d, sigma)
+        return tuple(ops.resize_linear(d, s) for s in shapes) + ((pool_features(d, grid),) if grid else ())
+
+    return tf.function(fn, jit_compile=True, autograph=False)
 
 
 def feature_provider(features="mindssc", ndim=3, dns_model=None, ae_models=None, moving_modality="t1",
@@ -306,6 +314,42 @@ def _cosine_dissimilarity(a, b):
     return 1.0 - tf.reduce_mean(tf.reshape(cos, [tf.shape(cos)[0], -1]), axis=-1)
 
 
+def _feature_maps(features, fx, mv, sigma, shapes, grid=0, level_features=False, **feature_kwargs):
+    """ψ_σ(D_F), ψ_σ(D_M) for each level shape of ``shapes`` (module docstring, first paragraph: computed once at
+    full size and resized, or with ``level_features`` per level on the images resampled there) and, ``grid``
+    > 0, both full-size maps pooled on ``grid``-voxel cells (the convex start). MIND / MIND-SSC at full size:
+    all of it one XLA call (``_mind_fn``). Returns (list of (df, dm) per level, (F, M) or None)."""
+    vol, ndim = tuple(fx.shape[1:-1]), fx.ndim - 2
+    mind = isinstance(features, str) and features in _MIND_FEATURES
+    kw = dict(feature_kwargs)
+    if mind and not level_features:
+        fn = _mind_fn(features, int(kw.get("mind_distance", PAPER.mind_distance)),
+                      int(kw.get("mind_patch", PAPER.mind_patch)), float(sigma or 0.0),
+                      tuple(tuple(int(n) for n in sh) for sh in shapes), int(grid))
+        pairs = [tuple(tf.split(o, 2, axis=0)) for o in fn(tf.concat([fx, mv], 0))]
+    else:
+        f_fix, f_mov = feature_provider(features, ndim=ndim, **kw)
+
+        def both(a, b):                  # ψ_σ(D_F(a)), ψ_σ(D_M(b)); MIND(-SSC): one XLA call for the two
+            da, db = tf.split(f_fix(tf.concat([a, b], 0)), 2, axis=0) if mind else (f_fix(a), f_mov(b))
+            if da.shape != db.shape or da.shape[:-1] != a.shape[:-1]:
+                raise ContraRegInputError(f"feature maps must be (B, *vol, C) and equal: got {da.shape}, {db.shape}")
+            return ops.gaussian_smooth(da, sigma), ops.gaussian_smooth(db, sigma)
+
+        if level_features:
+            pairs = [both(_downsample(fx, sh), _downsample(mv, sh)) for sh in shapes]
+            full = both(fx, mv) if grid else None
+        else:
+            full = both(fx, mv)
+            pairs = [(ops.resize_linear(full[0], sh), ops.resize_linear(full[1], sh)) for sh in shapes]
+        if grid:
+            pairs.append((pool_features(full[0], grid), pool_features(full[1], grid)))
+    for df, dm in pairs:
+        if not bool(tf.reduce_all(tf.math.is_finite(df))) or not bool(tf.reduce_all(tf.math.is_finite(dm))):
+            raise ContraRegInputError("feature maps contain NaN/Inf")
+    return pairs[:len(shapes)], (pairs[len(shapes)] if grid else None)
+
+
 # ------------------------------------------------------------------------- coupled-convex initialisation
 def convex_offsets(hw, ndim):
     """(K, ndim) float32 displacement labels {−hw..hw}^ndim in ``itertools.product`` order (last axis fastest)."""
@@ -362,20 +406,29 @@ def inverse_consistent(u, v, iters):
     return u, v
 
 
+def _check_cells(vol, grid):
+    if min(int(n) // int(grid) for n in vol) < 2:
+        raise ContraRegInputError(f"convex_grid {int(grid)}: the volume {tuple(vol)} has fewer than 2 cells per axis")
+
+
+def convex_cells(F, M, hw=IO_PAPER.convex_hw, coeffs=IO_PAPER.convex_coeffs, ic_iters=IO_PAPER.convex_ic_iters,
+                 cost_smooth=IO_PAPER.convex_cost_smooth):
+    """Coupled-convex displacement (module docstring, steps 2–4) of pooled features ``F``, ``M`` (B, *cells, C):
+    (B, *cells, ndim) in cells."""
+    u = coupled_convex(cost_volume(F, M, hw, cost_smooth), hw, coeffs)
+    if ic_iters > 0:
+        v = coupled_convex(cost_volume(M, F, hw, cost_smooth), hw, coeffs)
+        u, _ = inverse_consistent(u, v, ic_iters)
+    return u
+
+
 def convex_init_fn(df, dm, grid=IO_PAPER.convex_grid, hw=IO_PAPER.convex_hw, coeffs=IO_PAPER.convex_coeffs,
                    ic_iters=IO_PAPER.convex_ic_iters, cost_smooth=IO_PAPER.convex_cost_smooth):
     """Coupled-convex displacement (module docstring, steps 1–4) of full-size descriptors ``df``, ``dm``
     (B, *vol, C): (B, *cells, ndim) in **full-size voxels** (g × cells), cell i centred on voxel g·i + (g−1)/2."""
     g = int(grid)
-    F, M = pool_features(df, g), pool_features(dm, g)
-    if min(F.shape[1:-1]) < 2:
-        raise ContraRegInputError(f"convex_grid {g}: the volume {tuple(df.shape[1:-1])} has fewer than 2 cells "
-                                  f"per axis")
-    u = coupled_convex(cost_volume(F, M, hw, cost_smooth), hw, coeffs)
-    if ic_iters > 0:
-        v = coupled_convex(cost_volume(M, F, hw, cost_smooth), hw, coeffs)
-        u, _ = inverse_consistent(u, v, ic_iters)
-    return u * float(g)
+    _check_cells(df.shape[1:-1], g)
+    return convex_cells(pool_features(df, g), pool_features(dm, g), hw, coeffs, ic_iters, cost_smooth) * float(g)
 
 
 def _control_shape(shape, grid_step):
@@ -418,7 +471,7 @@ class _LevelSolver:
         self.rows = [tf.constant(np.stack([ops.linear_weights(n, m)[o::s][:n // s] for o in range(s)]))
                      for n, m in zip(shape, self.pshape)]
         self.diffeomorphic, self.int_steps = diffeomorphic, int_steps
-        self.step = tf.function(self._step)
+        self.step = tf.function(self._step, autograph=False)
 
     def disp(self, p):
         """Normalised parameter → voxel displacement on the control grid (integrated if diffeomorphic)."""
@@ -534,44 +587,23 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
     vol = fx.shape[1:-1]
     shapes = level_shapes(vol, levels, min_scale, max_scale)
 
-    f_fix, f_mov = feature_provider(features, ndim=ndim, **feature_kwargs)
-    batch_pair = isinstance(features, str) and features in _MIND_FEATURES   # one function for both images
-
-    full = {}
-
-    def descriptors(shape):
-        """ψ_σ(D_F), ψ_σ(D_M) on ``shape``: from the images resampled there (level_features) or computed once
-        at full size and resampled."""
-        if level_features or not full:
-            a, b = (fx, mv) if not level_features else (_downsample(fx, shape), _downsample(mv, shape))
-            if batch_pair and a.shape == b.shape:           # MIND(-SSC): one XLA call for both images
-                df, dm = tf.split(f_fix(tf.concat([a, b], 0)), 2, axis=0)
-            else:
-                df, dm = f_fix(a), f_mov(b)
-            df, dm = ops.gaussian_smooth(df, smooth_sigma), ops.gaussian_smooth(dm, smooth_sigma)
-            if df.shape != dm.shape or df.shape[:-1] != a.shape[:-1]:
-                raise ContraRegInputError(f"feature maps must be (B, *vol, C) and equal: got {df.shape}, {dm.shape}")
-            if not bool(tf.reduce_all(tf.math.is_finite(df))) or not bool(tf.reduce_all(tf.math.is_finite(dm))):
-                raise ContraRegInputError("feature maps contain NaN/Inf")
-            if level_features:
-                return df, dm
-            full["d"] = (df, dm)
-        df, dm = full["d"]
-        return ops.resize_linear(df, shape), ops.resize_linear(dm, shape)
-
+    if convex_init:
+        _check_cells(vol, convex_grid)
+    t1 = time.perf_counter()
+    maps, pooled = _feature_maps(features, fx, mv, smooth_sigma, shapes, int(convex_grid) if convex_init else 0,
+                                 level_features, **feature_kwargs)
+    t_feat = time.perf_counter() - t1
     bsz = fx.shape[0]
     param = tf.zeros((bsz, *shapes[0], ndim), tf.float32)   # normalised: resized freely between grids
     history = []
-    t_feat = t_convex = 0.0
+    t_convex = 0.0
     u_convex = None
     if convex_init:
-        t1 = time.perf_counter()
-        df, dm = descriptors(tuple(vol))
         t2 = time.perf_counter()
-        u_convex = convex_init_fn(df, dm, convex_grid, convex_hw, coeffs, int(convex_ic_iters),
-                                  int(convex_cost_smooth))
+        u_convex = convex_cells(*pooled, convex_hw, coeffs, int(convex_ic_iters),
+                                int(convex_cost_smooth)) * float(convex_grid)
         param = _convex_param(u_convex, convex_grid, vol, _control_shape(shapes[0], grid_step))
-        t_feat, t_convex = t2 - t1, time.perf_counter() - t2
+        t_convex = time.perf_counter() - t2
         u_convex = u_convex.numpy()
     bar = tqdm(total=sum(iters), disable=not progress, desc="IO", leave=False)
     for lvl, shape in enumerate(shapes):
@@ -579,8 +611,7 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
         if tuple(param.shape[1:-1]) != pshape_l:
             param = ops.resize_linear(param, pshape_l)
         t_lvl = time.perf_counter()
-        ff, fm = descriptors(shape)
-        t_feat += time.perf_counter() - t_lvl
+        ff, fm = maps[lvl]
         solver = _solver(bsz, shape, int(ff.shape[-1]), bool(diffeomorphic), int(int_steps), strides[lvl],
                          pshape_l)
         solver.reset(param, ff, fm, lrs[lvl], regw[lvl])
@@ -626,7 +657,7 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
                     convex_seconds=t_convex, convex_disp=u_convex)
 
 
-__all__ = ["instance_optimise", "check_schedule", "convex_init_fn", "cost_volume", "coupled_convex",
+__all__ = ["instance_optimise", "check_schedule", "convex_init_fn", "convex_cells", "cost_volume", "coupled_convex",
            "inverse_consistent", "pool_features", "convex_offsets", "IOResult", "feature_provider", "ae_features",
            "level_shapes",
            "FEATURE_NAMES", "IO_LRS", "IO_ITERS",

