@@ -207,11 +207,13 @@ _MIND_FEATURES = ("mindssc", "mind")
 @functools.lru_cache(maxsize=None)
 def _mind_fn(variant, distance, patch, sigma=0.0, shapes=None, grid=0):
     """MIND / MIND-SSC (``losses.mind``'s equations) as one XLA-compiled function, one per setting (retraced per
-    input shape); fixed and moving go through it as one batch of two. ``shapes`` None: the descriptors;
-    otherwise a tuple: ψ_σ of them resized (``ops.resize_linear``) to each shape of ``shapes``, then, ``grid``
-    > 0, pooled on ``grid``-voxel cells (``pool_features``; the convex start). Fused, the convex preset's
-    descriptors at 2 × 128³ take 1.2–1.4 s vs 2.1–2.4 s as separate calls (2 CPU cores, after the first call);
-    the descriptors alone 1.1–1.3 s vs 3.5–5.8 s eager. Same numbers up to float rounding."""
+    input shape). ``shapes`` None: the descriptors; otherwise a tuple: ψ_σ of them resized
+    (``ops.resize_linear``) to each shape of ``shapes``, then, ``grid`` > 0, pooled on ``grid``-voxel cells
+    (``pool_features``; the convex start). Same numbers as the eager ops up to float rounding. Measured on
+    128³ images, 2 CPU cores, after the first call: the convex preset's maps 1.2–1.6 s vs 2.1–2.4 s as separate
+    calls; the paper preset's (ψ_σ, 3 levels) 4.3–6.3 s vs 10–12 s with eager ψ_σ and resizes. Fixed and
+    moving are two calls: as one batch of two the paper preset's maps took 7–14 s and 3.9 GB peak RSS vs
+    2.4 GB."""
     from .losses import mind as M
 
     def fn(x):
@@ -318,7 +320,7 @@ def _feature_maps(features, fx, mv, sigma, shapes, grid=0, level_features=False,
     """ψ_σ(D_F), ψ_σ(D_M) for each level shape of ``shapes`` (module docstring, first paragraph: computed once at
     full size and resized, or with ``level_features`` per level on the images resampled there) and, ``grid``
     > 0, both full-size maps pooled on ``grid``-voxel cells (the convex start). MIND / MIND-SSC at full size:
-    all of it one XLA call (``_mind_fn``). Returns (list of (df, dm) per level, (F, M) or None)."""
+    all of it one XLA call per image (``_mind_fn``). Returns (list of (df, dm) per level, (F, M) or None)."""
     vol, ndim = tuple(fx.shape[1:-1]), fx.ndim - 2
     mind = isinstance(features, str) and features in _MIND_FEATURES
     kw = dict(feature_kwargs)
@@ -326,12 +328,12 @@ def _feature_maps(features, fx, mv, sigma, shapes, grid=0, level_features=False,
         fn = _mind_fn(features, int(kw.get("mind_distance", PAPER.mind_distance)),
                       int(kw.get("mind_patch", PAPER.mind_patch)), float(sigma or 0.0),
                       tuple(tuple(int(n) for n in sh) for sh in shapes), int(grid))
-        pairs = [tuple(tf.split(o, 2, axis=0)) for o in fn(tf.concat([fx, mv], 0))]
+        pairs = list(zip(fn(fx), fn(mv)))
     else:
         f_fix, f_mov = feature_provider(features, ndim=ndim, **kw)
 
-        def both(a, b):                  # ψ_σ(D_F(a)), ψ_σ(D_M(b)); MIND(-SSC): one XLA call for the two
-            da, db = tf.split(f_fix(tf.concat([a, b], 0)), 2, axis=0) if mind else (f_fix(a), f_mov(b))
+        def both(a, b):                  # ψ_σ(D_F(a)), ψ_σ(D_M(b))
+            da, db = f_fix(a), f_mov(b)
             if da.shape != db.shape or da.shape[:-1] != a.shape[:-1]:
                 raise ContraRegInputError(f"feature maps must be (B, *vol, C) and equal: got {da.shape}, {db.shape}")
             return ops.gaussian_smooth(da, sigma), ops.gaussian_smooth(db, sigma)
