@@ -180,9 +180,8 @@ IO_PRESETS["fast"] = IOConfig(name="fast", levels=2, lrs=(4e-2, 2e-2), iters=(10
 # grid step 2, stride-2 sampling), the displacement upsampled to full size. Tuned on the 128³ @ 1.5 mm ICBM
 # 2009c pair, 2 idle cores, variants in one process (Dice / s after the first call): this 0.806 / ~4.5 s; ±3
 # cells 0.804; + 15 inverse-consistency iterations +1–2.5 s for +0.005; full-size Adam 20 steps 0.814 / ~6 s.
-# bench_io, each method in its own process: 1 pair 0.806 in 8.6 s (first call: ~2 s XLA compile + ~2 s trace)
-# = 0.65x ANTs SyNOnly-MI (0.686); 3 pairs 0.808 in 6.2 s / pair = 0.51x ANTs (0.729)
-# (bench/results/io_2026-12-07b.md, io_2026-12-07c.md).
+# bench_io, each method in its own process, 3 pairs (bench/results/io_2026-12-07e.md): 0.808 in 4.3 s / pair =
+# 0.29x ANTs SyNOnly-MI (0.729 in 14.9 s); the first pair 5.8 s (trace + XLA compile), then 3.0 and 4.0 s.
 IO_PRESETS["convex"] = IOConfig(name="convex", levels=1, lrs=(4e-2,), iters=(40,), reg_weights=(0.6,),
                                 smooth_sigma=0.0, min_scale=0.5, max_scale=0.5, grid_step=2.0, sample_stride=2,
                                 convex_init=True, convex_grid=4, convex_hw=2, convex_ic_iters=0)

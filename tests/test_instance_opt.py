@@ -204,6 +204,34 @@ def test_cost_volume_and_coupled_convex_match_numpy(shape):
     np.testing.assert_allclose(got, d, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape,sigma,grid", [((12, 14, 10), 1.0, 2), ((16, 12), 0.0, 4)])
+def test_fused_mind_maps_equal_scipy_smoothing_resizing_and_pooling(shape, sigma, grid):
+    # _feature_maps' one XLA call per image = MIND-SSC (tested against numpy in test_mind), then ψ_σ (scipy
+    # gaussian_filter, mode nearest, truncate 3), then align-corners linear resizing to each level (scipy zoom,
+    # order 1, grid_mode False) and the convex start's grid-voxel block means (numpy reshape)
+    from contrareg_tf.config import PAPER
+    from contrareg_tf.losses.mind import mind_ssc
+
+    rng = np.random.default_rng(5)
+    fx, mv = (ndimage.gaussian_filter(rng.random(shape), 1).astype(np.float32)[None, ..., None] for _ in range(2))
+    shapes = IO.level_shapes(shape, 2, 0.5, 1.0)
+    maps, pooled = IO._feature_maps("mindssc", tf.constant(fx), tf.constant(mv), sigma, shapes, grid)
+    cells = [n // grid for n in shape]
+    for side, img in enumerate((fx, mv)):
+        d = mind_ssc(img, PAPER.mind_distance, PAPER.mind_patch // 2).numpy()[0].astype(np.float64)
+        chans = range(d.shape[-1])
+        if sigma:
+            d = np.stack([ndimage.gaussian_filter(d[..., c], sigma, mode="nearest", truncate=3.0) for c in chans], -1)
+        for sh, pair in zip(shapes, maps):
+            ref = np.stack([ndimage.zoom(d[..., c], [o / n for o, n in zip(sh, shape)], order=1, grid_mode=False,
+                                         mode="nearest") for c in chans], -1)
+            np.testing.assert_allclose(pair[side].numpy()[0], ref, atol=1e-4)
+        crop = d[tuple(slice(0, c * grid) for c in cells)]
+        blocks = crop.reshape([v for c in cells for v in (c, grid)] + [d.shape[-1]])
+        ref = blocks.mean(axis=tuple(range(1, 2 * len(shape), 2)))
+        np.testing.assert_allclose(pooled[side].numpy()[0], ref, atol=1e-5)
+
+
 def test_inverse_consistency_fixed_point_and_symmetric_meeting():
     t = np.array([1.5, -0.5], np.float32)
     u = tf.constant(np.broadcast_to(t, (1, 8, 8, 2)).copy())
