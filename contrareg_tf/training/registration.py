@@ -80,7 +80,7 @@ def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, j
                "reg": _per_replica_mean(strategy, l_reg, global_batch)}
         return out
 
-    @tf.function(jit_compile=jit or None)
+    @tf.function(jit_compile=jit or None, autograph=False)   # nothing in the step needs autograph's conversion
     def step(batch):
         return _reduce_terms(strategy, strategy.run(replica_step, args=(batch,)))
 
