@@ -321,16 +321,13 @@ def _feature_maps(features, fx, mv, sigma, shapes, grid=0, level_features=False,
     full size and resized, or with ``level_features`` per level on the images resampled there) and, ``grid``
     > 0, both full-size maps pooled on ``grid``-voxel cells (the convex start). MIND / MIND-SSC at full size:
     all of it one XLA call per image (``_mind_fn``). Returns (list of (df, dm) per level, (F, M) or None)."""
-    vol, ndim = tuple(fx.shape[1:-1]), fx.ndim - 2
-    mind = isinstance(features, str) and features in _MIND_FEATURES
-    kw = dict(feature_kwargs)
-    if mind and not level_features:
-        fn = _mind_fn(features, int(kw.get("mind_distance", PAPER.mind_distance)),
-                      int(kw.get("mind_patch", PAPER.mind_patch)), float(sigma or 0.0),
+    if isinstance(features, str) and features in _MIND_FEATURES and not level_features:
+        fn = _mind_fn(features, int(feature_kwargs.get("mind_distance", PAPER.mind_distance)),
+                      int(feature_kwargs.get("mind_patch", PAPER.mind_patch)), float(sigma or 0.0),
                       tuple(tuple(int(n) for n in sh) for sh in shapes), int(grid))
         pairs = list(zip(fn(fx), fn(mv)))
     else:
-        f_fix, f_mov = feature_provider(features, ndim=ndim, **kw)
+        f_fix, f_mov = feature_provider(features, ndim=fx.ndim - 2, **feature_kwargs)
 
         def both(a, b):                  # ψ_σ(D_F(a)), ψ_σ(D_M(b))
             da, db = f_fix(a), f_mov(b)
@@ -586,11 +583,10 @@ def instance_optimise(fixed, moving, features="mindssc", levels=IO_LEVELS, lrs=I
             raise ContraRegInputError(f"need convex_grid >= 1, convex_hw >= 1, convex_ic_iters >= 0, "
                                       f"convex_cost_smooth >= 0 and finite convex_coeffs >= 0; got {convex_grid}, "
                                       f"{convex_hw}, {convex_ic_iters}, {convex_cost_smooth}, {coeffs}")
+        _check_cells(fx.shape[1:-1], convex_grid)
     vol = fx.shape[1:-1]
     shapes = level_shapes(vol, levels, min_scale, max_scale)
 
-    if convex_init:
-        _check_cells(vol, convex_grid)
     t1 = time.perf_counter()
     maps, pooled = _feature_maps(features, fx, mv, smooth_sigma, shapes, int(convex_grid) if convex_init else 0,
                                  level_features, **feature_kwargs)
