@@ -204,7 +204,7 @@ def _load_model(obj, loader, what):
 _MIND_FEATURES = ("mindssc", "mind")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=8)   # bounded like the solver cache: one entry per (setting, level shapes)
 def _mind_fn(variant, distance, patch, sigma=0.0, shapes=None, grid=0):
     """MIND / MIND-SSC (``losses.mind``'s equations) as one XLA-compiled function, one per setting (retraced per
     input shape). ``shapes`` None: the descriptors; otherwise a tuple: ψ_σ of them resized
