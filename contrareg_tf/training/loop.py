@@ -136,7 +136,8 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
     ``out_dir=None``: no checkpoints, no TensorBoard (nothing written). ``max_seconds``: stop after the step
     that crosses this wall time (checkpointed). A non-chief worker of a multi-worker strategy writes nothing
     into ``out_dir``: its checkpoints go to a temporary folder (removed on return); it resumes from the chief's.
-    ``on_checkpoint(step)``: called on the chief after each checkpoint is written (e.g. the validation curve)."""
+    ``on_checkpoint(step)``: called on the chief after each checkpoint is written (e.g. the validation curve); a
+    true return value ends training there (a plateau rule), on every worker alike."""
     strategy = strategy or tf.distribute.get_strategy()
     chief = is_chief(strategy)
     manager = writer = ckpt_dir = None
@@ -151,7 +152,7 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
             manager = tf.train.CheckpointManager(ckpt, own_dir, max_to_keep=1)
     try:
         return _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, strategy, resume,
-                    progress, desc, log_every, max_seconds, chief, on_checkpoint if chief else None)
+                    progress, desc, log_every, max_seconds, chief, on_checkpoint)
     finally:
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
@@ -201,11 +202,12 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
                 with writer.as_default():
                     for k, v in terms.items():
                         tf.summary.scalar(k, v, step=step + 1)
+        stop = False
         if manager is not None and ((step + 1) % ckpt_every == 0 or step + 1 == iters or timeout):
             manager.save(checkpoint_number=step + 1)
-            if on_checkpoint is not None:
-                on_checkpoint(step + 1)
-        if timeout:
+            if on_checkpoint is not None:   # the chief decides; the other workers stop with it
+                stop = _on_any_worker(strategy, bool(on_checkpoint(step + 1)) if chief else False)
+        if timeout or stop:
             break
     bar.close()
     if writer is not None:
@@ -225,13 +227,16 @@ def _reduce_terms(strategy, terms):
     return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in terms.items()}
 
 
-def val_curve_callback(out_dir, model, validate, name="val_curve.csv"):
+def val_curve_callback(out_dir, model, validate, name="val_curve.csv", rule=None):
     """``on_checkpoint`` for :func:`run_loop` that appends (step, ``validate(model)``) to ``out_dir/name`` (Fig. 3
     col. 4: validation Dice vs training step). Rows at or past a step being re-written (a resumed run that
-    re-does steps) are replaced, so the file always describes the weights that led to the final model."""
+    re-does steps) are replaced, so the file always describes the weights that led to the final model.
+    ``rule`` (a ``config.PlateauRule``): the callback returns True once the curve has reached its plateau
+    (``training.plateau.plateau_reached``), which ends the run."""
     import csv
 
     from ..atomic import atomic_path
+    from .plateau import plateau_reached
 
     path = os.path.join(out_dir, name)
 
@@ -245,6 +250,20 @@ def val_curve_callback(out_dir, model, validate, name="val_curve.csv"):
             w = csv.DictWriter(f, fieldnames=["step", "dice"])
             w.writeheader()
             w.writerows(rows)
+        return rule is not None and plateau_reached([int(r["step"]) for r in rows],
+                                                    [float(r["dice"]) for r in rows], rule)
+
+    return on_checkpoint
+
+
+def any_callback(*callbacks):
+    """One ``on_checkpoint`` that runs every given callback (None entries skipped) and stops when any says so."""
+    cbs = [c for c in callbacks if c is not None]
+    if not cbs:
+        return None
+
+    def on_checkpoint(step):
+        return any([bool(c(step)) for c in cbs])   # a list: every callback runs (each logs its curve)
 
     return on_checkpoint
 

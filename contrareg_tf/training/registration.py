@@ -12,7 +12,7 @@ from ..config import Config
 from ..errors import ContraRegInputError
 from ..runs import data_spacing, save_trained
 from ..data.pairs import PairSampler
-from .loop import (_per_replica_mean, _reduce_terms, get_strategy, is_chief, peak_rss_mb, run_loop,
+from .loop import (_per_replica_mean, _reduce_terms, any_callback, get_strategy, is_chief, peak_rss_mb, run_loop,
                    set_mixed_precision, val_curve_callback)
 
 
@@ -92,9 +92,11 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
     rand_ae, heads, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model,
-    progress, reg_penalty, command, validate. ``heads``: a folder with ``heads1.h5``/``heads2.h5`` to start the
+    progress, reg_penalty, command, validate, monitor. ``heads``: a folder with ``heads1.h5``/``heads2.h5`` to start the
     PatchNCE heads from (SupPretrain, paper §3). ``validate(model) -> float``: called at every checkpoint, its
-    value logged to ``val_curve.csv`` (Fig. 3 col. 4). ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
+    value logged to ``val_curve.csv`` (Fig. 3 col. 4). ``monitor = (fn, rule)``: ``fn(model) -> float`` logged to
+    ``monitor_curve.csv`` at every checkpoint; training ends when that curve meets ``rule`` (a ``config.PlateauRule``,
+    ``training.plateau``) or at ``iters``; the card says which. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
     ``strategy="multiworker"``: every worker of the ``TF_CONFIG`` cluster calls this with the same arguments and
     ``out_dir``; only the chief writes into it (``loop.run_loop``)."""
     from ..lock import out_dir_lock
@@ -168,7 +170,7 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
 def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
                  lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
                  mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
-                 command=None, heads=None, validate=None):
+                 command=None, heads=None, validate=None, monitor=None):
     iters = int(cfg.iters if iters is None else iters)
     os.makedirs(out_dir, exist_ok=True)
     s = setup_registration(cfg, loss_name, train_arrays, ae1, ae2, rand_ae, lr, batch_size, strategy, conditioning,
@@ -186,10 +188,15 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
     if chief:
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
+    on_checkpoint = any_callback(
+        val_curve_callback(out_dir, model, validate) if validate else None,
+        val_curve_callback(out_dir, model, monitor[0], "monitor_curve.csv", rule=monitor[1]) if monitor else None)
     history = run_loop(s.step, s.sampler.batch, s.ckpt, out_dir, iters, cfg.ckpt_every, s.strategy, resume,
-                       progress, desc=f"train {loss_name}",
-                       on_checkpoint=val_curve_callback(out_dir, model, validate) if validate else None)
+                       progress, desc=f"train {loss_name}", on_checkpoint=on_checkpoint)
     elapsed = time.time() - t0
+    final_step = int(s.ckpt.step.numpy())
+    if monitor:
+        meta["stopped"] = {"step": final_step, "reason": "plateau" if final_step < iters else "cap"}
     if chief:
         save_trained(out_dir, model, heads1, heads2)
         card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
