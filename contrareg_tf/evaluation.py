@@ -73,13 +73,14 @@ def structure_columns(dice, label_ids, label_names=None, label_groups=None):
 
 
 def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=True, desc="eval", before=None,
-                     label_names=None, label_groups=None):
+                     label_names=None, label_groups=None, per_pair=False):
     """``pairs``: dict of stacks ``img1, img2`` (P, *vol) and ``labels1, labels2``. Returns one row per λ
     (dict with the ``CSV_FIELDS``, then the ``structure_columns``). Dice of a pair = mean over its structures
     (labels present in both label maps, ``metrics.pair_structures``). Registrations of all (λ, pair)
     combinations run in chunks of several λ values × pairs per network call. ``before``: the pairs'
     ``pair_dice_before`` (computed if None; pass it when evaluating several models on the same pairs).
-    ``label_names`` / ``label_groups``: {label: name} / {label: coarse group} for the per-structure columns."""
+    ``label_names`` / ``label_groups``: {label: name} / {label: coarse group} for the per-structure columns.
+    ``per_pair``: also return ``{"dice", "folds", "sdlogj"}`` arrays (λ, P) of every pair (paired statistics)."""
     from tqdm.auto import tqdm
 
     from .metrics import dice30
@@ -118,6 +119,8 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
                      "sdlogj_inv": bo[i, :, 1].mean(), "gain": (f - before).mean(),
                      "gain_std": (f - before).std(), "improved": float(np.mean(f > before)), "n_pairs": p,
                      **{k: float(v[i]) for k, v in extra.items()}})
+    if per_pair:
+        return rows, {"dice": fw, "folds": fo[..., 0], "sdlogj": fo[..., 1]}
     return rows
 
 

@@ -21,8 +21,9 @@ def plateau_gain(steps: Sequence[int], values: Sequence[float], window: float) -
     if not steps:
         return math.nan
     s = float(steps[-1])
-    last = [v for t, v in zip(steps, values) if (1 - window) * s < t <= s]
-    prev = [v for t, v in zip(steps, values) if (1 - 2 * window) * s < t <= (1 - window) * s]
+    mid, low = s - window * s, s - 2 * window * s   # not (1 − 2w)·s: 1 − 2·0.4 is 0.19999999999999996
+    last = [v for t, v in zip(steps, values) if mid < t <= s]
+    prev = [v for t, v in zip(steps, values) if low < t <= mid]
     if not last or not prev:
         return math.nan
     return sum(last) / len(last) - sum(prev) / len(prev)
