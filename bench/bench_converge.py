@@ -14,6 +14,7 @@ from whatever has finished:
     python bench/bench_converge.py                        # cpu-bench, seeds 0 1, 2 workers
     python bench/bench_converge.py --seeds 0 1 2 --resume # add a seed, continue interrupted runs
     python bench/bench_converge.py --report               # only rewrite the report from finished results
+    python bench/bench_converge.py --resume --max-steps 20000   # a higher cap: runs stopped at the old cap go on
 """
 import argparse
 import concurrent.futures as cf
@@ -49,6 +50,18 @@ def _log(msg):
 # ------------------------------------------------------------------------------------------------------------
 # one (method, seed): train to the plateau, evaluate 17 λ, write the results folder
 # ------------------------------------------------------------------------------------------------------------
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished(card, max_steps):
+    """Whether a run's card says it needs no more training: stopped at its plateau, or at a cap ≥ ``max_steps``
+    (a study resumed with a higher ``--max-steps`` continues the capped runs from their checkpoints)."""
+    stop = card.get("stopped") or {}
+    return stop.get("reason") == "plateau" or int(stop.get("step", 0)) >= max_steps
+
+
 def _train_autoencoder(preset, modality, path, iters):
     cfg = get_preset(preset)
     experiment.pretrain_autoencoder(cfg, modality, path, iters=iters, progress=False)
@@ -80,12 +93,14 @@ def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
     desc = experiment.resolve_data(cfg)
     tag = f"{method} s{seed}"
     t0 = time.time()
-    if not os.path.isfile(os.path.join(run_dir, "card.json")):   # training not finished yet
+    card_path = os.path.join(run_dir, "card.json")
+    capped = os.path.isfile(card_path) and not finished(_read_json(card_path), max_steps)
+    if capped or not os.path.isfile(card_path):   # not trained, or stopped at a lower cap than now
         arr = experiment.split_arrays(desc, "train", cfg)
         kw = dict(ae1=ae_pair[0], ae2=ae_pair[1]) if is_contrastive(method) else {}
         train_hyper(run_cfg, method, run_dir,
                     {k: arr[k] for k in ("t1", "t2", "mask1", "mask2", "labels", "affines")},
-                    resume=resume and os.path.isdir(os.path.join(run_dir, "ckpt")), progress=False,
+                    resume=(resume or capped) and os.path.isdir(os.path.join(run_dir, "ckpt")), progress=False,
                     validate=experiment.validator(cfg, desc), monitor=(_monitor(cfg, desc, tag), CONVERGE),
                     command=f"bench_converge {preset} {method} seed {seed}", **kw)
     model, _ = load_trained(run_dir)
@@ -108,8 +123,7 @@ def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
     for name in ("val_curve.csv", "monitor_curve.csv"):
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
-    with open(os.path.join(run_dir, "card.json")) as f:
-        card = json.load(f)
+    card = _read_json(card_path)
     card["eval_seconds"] = round(time.time() - t1, 1)
     write_json(os.path.join(tmp, "card.json"), card)
     shutil.rmtree(res_dir, ignore_errors=True)
@@ -296,8 +310,11 @@ def main():
     from contrareg_tf.losses.similarity import is_contrastive
 
     ae_pair = tuple(os.path.join(res_root, f"ae_{m}.h5") for m in ("t1", "t2"))
-    jobs = [(m, s) for s in a.seeds for m in sorted(a.methods, key=lambda m: not is_contrastive(m))
-            if not os.path.isfile(os.path.join(res_root, f"{m}_s{s}", "card.json"))]
+    def done(m, s):
+        card = os.path.join(res_root, f"{m}_s{s}", "card.json")
+        return os.path.isfile(card) and finished(_read_json(card), a.max_steps)
+
+    jobs = [(m, s) for s in a.seeds for m in sorted(a.methods, key=lambda m: not is_contrastive(m)) if not done(m, s)]
     if not a.report and jobs:
         ctx = mp.get_context("spawn")     # TF is not fork-safe
         with cf.ProcessPoolExecutor(max(1, a.workers), mp_context=ctx) as pool:

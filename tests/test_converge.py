@@ -150,6 +150,23 @@ def test_crossing_interpolates_linearly_and_refuses_out_of_range():
 # --------------------------------------------------------------------------------------------------------------
 # the benchmark: resume skips finished work and reproduces the table
 # --------------------------------------------------------------------------------------------------------------
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_converge", os.path.join(ROOT, "bench", "bench_converge.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_capped_run_is_unfinished_under_a_higher_cap():
+    finished = _bench().finished
+    assert finished({"stopped": {"step": 4000, "reason": "plateau"}}, 10_000)
+    assert finished({"stopped": {"step": 10_000, "reason": "cap"}}, 10_000)
+    assert not finished({"stopped": {"step": 10_000, "reason": "cap"}}, 20_000)
+    assert not finished({}, 10_000)
+
+
 def _table(md):
     """Table-1 rows of the report without the last column (seconds)."""
     return [line.rsplit("|", 2)[0] for line in md.splitlines() if line.startswith("| ")]
