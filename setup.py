@@ -12,7 +12,8 @@ setup(
     description="ContraReg (contrastive multi-modality deformable registration) in TensorFlow 2 / Keras",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.12",
+    # tested: 3.11 (TF 2.15, the default), 3.12 and 3.13 (TF 2.21 + tf-keras) — see README
+    python_requires=">=3.11,<3.14",
     packages=find_packages(include=["contrareg_tf", "contrareg_tf.*"]),
     package_data={"contrareg_tf": ["py.typed"]},
     # the shipped weights and their cards: a non-editable install puts them in <prefix>/share/contrareg_tf/models
@@ -22,14 +23,23 @@ setup(
     entry_points={"console_scripts": [f"contrareg-{c.replace('_', '-')} = contrareg_tf.commands.{c}:cli"
                                       for c in COMMANDS]},
     install_requires=[
-        # TF 2.15 is the last release with Keras 2 as tf.keras and the last one tfa 0.23 supports.
-        # `tensorflow` (not tensorflow-cpu) so that GPU users get CUDA kernels.
-        "tensorflow==2.15.*",
-        "tensorflow-addons==0.23.0",
+        # Python 3.11: TF 2.15, the last release with Keras 2 as tf.keras and the last one tfa 0.23 supports (the
+        # tested default; no wheels for 3.12+). Python >= 3.12: TF 2.21 with Keras 2 from `tf-keras` (selected by
+        # TF_USE_LEGACY_KERAS=1, which `import contrareg_tf` sets before TF loads; voxelmorph / neurite 0.2 need
+        # Keras 2). `tensorflow` (not tensorflow-cpu) so that GPU users get CUDA kernels.
+        'tensorflow==2.15.*; python_version < "3.12"',
+        'tensorflow==2.21.*; python_version >= "3.12"',
+        'tf-keras==2.21.*; python_version >= "3.12"',
+        # TF >= 2.16 no longer installs tensorboard; tf.summary (training logs) raises TBNotInstalledError without it
+        "tensorboard",
+        # end-of-life, wheels up to Python 3.11 only; nothing needs it (the autoencoders' instance norm is Keras'
+        # GroupNormalization, which reads tfa-written .h5 weights) — installed where it installs, for users who
+        # load full models saved with tfa layers
+        'tensorflow-addons==0.23.0; python_version < "3.12"',
         # 0.3.x of both are PyTorch-only: pin exactly.
         "voxelmorph==0.2",
         "neurite==0.2",
-        "numpy<2",
+        'numpy<2; python_version < "3.12"',  # TF 2.15 is built against numpy 1.x; TF 2.21 brings 2.x
         "scipy",
         "nibabel",
         "nilearn",  # ships the MNI152 2009a T1w + GM/WM maps (the mni2009a-synth built-in data source)

@@ -6,6 +6,7 @@
 import argparse
 
 from contrareg_tf.cli import console
+from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import FOLD_BUDGET
 
 
@@ -26,6 +27,7 @@ def main(argv=None):
     a = parse(argv)
     from contrareg_tf import experiment
 
+    deterministic_ops(0)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     table_md = experiment.evaluate_runs(a.runs, a.out, data=a.data, split=a.split, n_pairs=a.pairs,
                                         budget=a.max_folds, progress=not a.no_progress)
     print(table_md)

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 
 from contrareg_tf.cli import console
+from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import TABLE1_A
 
 
@@ -59,6 +60,7 @@ def main(argv=None):
     cfg = get_preset(a.preset)
     if a.data_source:
         cfg = dataclasses.replace(cfg, data_source=a.data_source)
+    deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     table_md = experiment.reproduce_table1(cfg, a.out, methods=a.methods or list(TABLE1_A), rows=rows, data=a.data,
                                            iters=a.iters, ae_iters=a.ae_iters, ae1=a.ae1, ae2=a.ae2,
                                            n_pairs=a.pairs, resume=a.resume, progress=not a.no_progress,

@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from contrareg_tf.cli import console
+from contrareg_tf.compat import deterministic_ops
 
 
 
@@ -56,6 +57,7 @@ def main(argv=None):
     over = dict(data_source=args.data_source, inshape=args.grid, spacing=args.spacing, ae_crop=args.crop,
                 proxy_subjects=args.subjects)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
+    deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     kw = dict(data=args.data, iters=args.iters, lr=args.lr, batch_size=args.batch_size, resume=args.resume,
               progress=not args.no_progress, command=" ".join(sys.argv))
     if args.sup_pretrain:

@@ -16,6 +16,7 @@ import shlex
 import sys
 
 from contrareg_tf.cli import console
+from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import PRESETS, get_preset
 from contrareg_tf.errors import ContraRegInputError
 from contrareg_tf.data import dataset
@@ -68,6 +69,7 @@ def main(argv=None):
     for flag, v, ok in checks:
         if not ok:
             raise ContraRegInputError(f"{flag}: invalid value {v}")
+    deterministic_ops(args.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     iters = args.iters if args.iters is not None else cfg.iters
     desc = dataset.resolve(cfg, args.data)
     images, masks, info = dataset.load_images(desc, split=args.split,

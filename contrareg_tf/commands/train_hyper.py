@@ -29,6 +29,7 @@ import dataclasses
 import sys
 
 from contrareg_tf.cli import console
+from contrareg_tf.compat import deterministic_ops
 
 
 
@@ -85,6 +86,7 @@ def main(argv=None):
         # TF configures the collectives at program start-up, and the task names this worker's lock
         from contrareg_tf.training.loop import get_strategy
         get_strategy("multiworker")
+    deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     with out_dir_lock(args.out, command):  # before the data are built: a second run stops at once
         _train(args, cfg, command)
     print(f"done: {args.out}")
