@@ -124,9 +124,14 @@ def release(path: str):
 
 @contextlib.contextmanager
 def out_dir_lock(out_dir, command=None):
-    """``with out_dir_lock(out):`` — hold the lock of ``out`` for the block (released on any exit)."""
+    """``with out_dir_lock(out):`` — hold the lock of ``out`` for the block (released on any exit). A folder the
+    lock created is removed again when the block leaves it empty (a run refused or failed before writing)."""
+    created = not os.path.isdir(out_dir)
     path = acquire(out_dir, command)
     try:
         yield path
     finally:
         release(path)
+        if created:
+            with contextlib.suppress(OSError):   # not empty: the run wrote something, which stays
+                os.rmdir(out_dir)

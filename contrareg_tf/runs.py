@@ -14,7 +14,7 @@ from .config import Config
 from .errors import ContraRegInputError
 
 __all__ = ["save_trained", "save_trained_heads", "load_trained_heads", "data_spacing", "config_from_meta", "synthmorph_config", "read_run",
-           "load_trained"]
+           "load_trained", "prepare_run_dir"]
 
 
 def _save_weights(obj, out_dir, name):
@@ -130,3 +130,72 @@ def load_trained(run_dir, inshape=None):
     except (OSError, KeyError) as e:
         raise ContraRegInputError(f"{w_path}: cannot load the weights ({type(e).__name__}: {e})") from None
     return model, meta
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a run folder's identity: what a new training may do with an existing --out
+# --------------------------------------------------------------------------------------------------------------
+# settings that may change when a run is resumed (how long it trains, how often it saves); every other entry of
+# config.json names the run
+RESUMABLE_KEYS = ("iters", "ckpt_every", "command", "heads_init", "ae1", "ae2", "data_spacing")
+RUN_OUTPUTS = ("config.json", "card.json", "model.h5", "heads1.h5", "heads2.h5", "val_curve.csv",
+               "monitor_curve.csv", "ckpt", "tb")
+
+
+def _differences(old, new, prefix=""):
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if k in RESUMABLE_KEYS and not prefix:
+            continue
+        if prefix == "config." and k in ("iters", "ckpt_every"):
+            continue
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            out.append(f"{prefix}{k}: {a!r} in the run, {b!r} now")
+    return out
+
+
+def prepare_run_dir(out_dir, meta, resume=False, overwrite=False, inputs=()):
+    """Check what a training run about to write ``meta`` (its ``config.json``) into ``out_dir`` may do there,
+    before anything is written. A folder holding a run (its ``config.json`` or checkpoints) is refused unless
+    ``resume`` (the same run: every setting but ``RESUMABLE_KEYS`` equal — the error names each difference) or
+    ``overwrite`` (its earlier outputs are removed here, after the checks). ``inputs``: files the run reads
+    (autoencoders, heads, data); none may be one of its outputs. Every refusal is a ``ContraRegInputError``."""
+    import shutil
+
+    outs = {os.path.realpath(os.path.join(out_dir, n)) for n in RUN_OUTPUTS}
+    for p in inputs:
+        if p is not None and os.path.realpath(p) in outs:
+            raise ContraRegInputError(f"{p}: an input of this run is one of its outputs in --out {out_dir}; "
+                                      "choose another --out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ContraRegInputError(f"--out {out_dir}: exists and is not a folder")
+    cfg_path = os.path.join(out_dir, "config.json")
+    has_run = os.path.isfile(cfg_path) or os.path.isdir(os.path.join(out_dir, "ckpt"))
+    if not has_run:
+        return
+    if overwrite:
+        for n in RUN_OUTPUTS:
+            p = os.path.join(out_dir, n)
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            elif os.path.exists(p):
+                os.remove(p)
+        return
+    finished = os.path.isfile(os.path.join(out_dir, "model.h5"))
+    if not resume:
+        what = "a finished run" if finished else "an unfinished run"
+        raise ContraRegInputError(f"--out {out_dir} holds {what}; --resume continues it, --overwrite replaces it, "
+                                  "or choose another --out")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ContraRegInputError(f"{cfg_path}: cannot read the run to resume ({type(e).__name__}: {e})") from None
+    diff = _differences(old, json.loads(json.dumps(meta)))
+    if diff:
+        raise ContraRegInputError(f"--resume {out_dir}: not the same run — " + "; ".join(diff))

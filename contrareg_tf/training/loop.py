@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -171,7 +172,8 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
 
     latest = chief_latest() if resume else None
     if latest:
-        ckpt.restore(latest).assert_existing_objects_matched()
+        state = tf.train.get_checkpoint_state(ckpt_dir)
+        _restore_newest_readable(ckpt, list(state.all_model_checkpoint_paths) if state else [latest])
     elif resume:
         raise ContraRegInputError(f"--resume: no checkpoint found in {ckpt_dir or '(no output folder)'}")
     start = int(ckpt.step.numpy())
@@ -213,6 +215,22 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
     if writer is not None:
         writer.flush()
     return history
+
+
+def _restore_newest_readable(ckpt, paths):
+    """Restore the newest of ``paths`` (oldest first, as TF lists them) that reads completely; each unreadable
+    one (truncated or deleted by a crash or a full disk) is named in a ``warning:`` line and skipped."""
+    for path in reversed(paths):
+        try:
+            ckpt.restore(path).assert_existing_objects_matched()
+            return path
+        # a truncated .data file raises IndexError ("Read less bytes than requested") from TF's reader
+        except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"warning: --resume: skipping unreadable checkpoint {path} ({type(e).__name__}: {first[:200]})",
+                  file=sys.stderr)
+    raise ContraRegInputError(f"--resume: none of the checkpoints {[os.path.basename(p) for p in paths]} in "
+                              f"{os.path.dirname(paths[-1])} can be read")
 
 
 def _per_replica_mean(strategy, per_sample, global_batch):

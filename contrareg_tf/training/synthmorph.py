@@ -44,7 +44,7 @@ import tensorflow as tf
 from ..atomic import write_json
 from ..config import SM_PAPER, SYNTHMORPH_METHODS, Config, SynthMorphConfig
 from ..errors import ContraRegInputError
-from ..runs import data_spacing, save_trained
+from ..runs import data_spacing, prepare_run_dir, save_trained
 from .loop import (_per_replica_mean, _reduce_terms, get_strategy, is_chief, peak_rss_mb, run_loop, step_rng,
                    val_curve_callback)
 
@@ -206,7 +206,9 @@ def train_synthmorph(cfg: Config, method, out_dir, train_arrays=None, sm: SynthM
     split (``labels`` for sm-brains, ``affines`` for the recorded voxel size). Writes ``out_dir/{config.json,
     ckpt/, tb/, model.h5, card.json}`` (a run folder ``runs.load_trained`` reads); returns the history.
     Keyword arguments: label_maps (overrides the method's), iters, lr, batch_size, resume, strategy, progress,
-    command, validate (``validate(model) -> float`` at every checkpoint, logged to ``val_curve.csv``). ``out_dir`` is locked for the run; ``out_dir=None`` writes nothing (tests)."""
+    command, validate (``validate(model) -> float`` at every checkpoint, logged to ``val_curve.csv``), overwrite
+    (``runs.prepare_run_dir``: an ``out_dir`` holding a run needs ``resume`` of the same run or ``overwrite``).
+    ``out_dir`` is locked for the run; ``out_dir=None`` writes nothing (tests)."""
     from ..lock import out_dir_lock
 
     if out_dir is None:
@@ -216,7 +218,7 @@ def train_synthmorph(cfg: Config, method, out_dir, train_arrays=None, sm: SynthM
 
 
 def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, lr=None, batch_size=None,
-           resume=False, strategy="default", progress=True, command=None, validate=None):
+           resume=False, strategy="default", progress=True, command=None, validate=None, overwrite=False):
     from ..networks.synthmorph import NAME, SynthMorphVxm, copy_weights
 
     method = str(method).strip().lower()
@@ -252,6 +254,8 @@ def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, 
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
     chief = is_chief(strat)   # multi-worker: the other workers train in lock-step but write nothing here
+    if out_dir is not None:
+        prepare_run_dir(out_dir, meta, resume, overwrite)
     if out_dir is not None and chief:
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "config.json"), meta)
