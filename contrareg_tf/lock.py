@@ -56,7 +56,8 @@ def _read(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
-        return info if isinstance(info, dict) and "pid" in info and "host" in info else None
+        ok = isinstance(info, dict) and isinstance(info.get("pid"), int) and isinstance(info.get("host"), str)
+        return info if ok else None   # None: unreadable, named in the caller's error
     except (OSError, ValueError):
         return None
 
@@ -78,6 +79,8 @@ def _create(path: str, info: dict) -> bool:
 
 def acquire(out_dir, command=None) -> str:
     """Take the lock of ``out_dir`` (created if missing) for this process; returns the lock path."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ContraRegInputError(f"--out {out_dir}: exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(out_dir, lock_name()))
     if path in _HELD:

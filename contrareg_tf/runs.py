@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from .atomic import atomic_path
-from .config import Config
+from .config import PAPER, Config
 from .errors import ContraRegInputError
 
 __all__ = ["save_trained", "save_trained_heads", "load_trained_heads", "data_spacing", "config_from_meta", "synthmorph_config", "read_run",
@@ -63,6 +63,24 @@ def config_from_meta(meta):
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["config"].items()})
 
 
+def _mistyped(cfg):
+    """``field: value (expected type)`` for each field of ``cfg`` whose value has not the type of the paper's."""
+    out = []
+    for f in dataclasses.fields(Config):
+        want, v = type(getattr(PAPER, f.name)), getattr(cfg, f.name)
+        if want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        elif want is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, want)
+        if ok and want is tuple:
+            ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if not ok:
+            out.append(f"{f.name}: {v!r} (expected {want.__name__})")
+    return out
+
+
 def synthmorph_config(meta):
     """The ``SynthMorphConfig`` of a SynthMorph run's ``config.json`` (JSON lists back to tuples)."""
     from .config import SynthMorphConfig
@@ -99,6 +117,9 @@ def read_run(run_dir):
     missing = [k for k in ("inshape", "ch", "nb_levels", "int_steps") if k not in meta["config"]]
     if missing:
         raise ContraRegInputError(f"{cfg_path}: 'config' lacks {missing}: cannot rebuild the model")
+    bad = _mistyped(cfg)
+    if bad:
+        raise ContraRegInputError(f"{cfg_path}: 'config' has values of the wrong type: {'; '.join(bad)}")
     try:
         with h5py.File(w_path, "r") as f:
             if not len(f.keys()):
