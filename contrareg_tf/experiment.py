@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from .atomic import write_json
+from .atomic import atomic_path, write_json
 from .config import FOLD_BUDGET, LAMBDAS_17, SYNTHMORPH_METHODS, TABLE1_A, Config
 from .data.dataset import resolve as resolve_data  # noqa: F401  (data set of a config)
 from .errors import ContraRegInputError
@@ -228,7 +228,7 @@ def evaluate_runs(run_dirs, out_dir, data=None, split="test", n_pairs=None, budg
                                                           moved=moved[0, ..., 0], target_t2=pairs["target_t2"][0])
     before = float(np.mean(before_pairs))   # the "before registration" row / line
     rows, md = evaluation.table1(results, budget, before=before, paper=paper, sets=sets)
-    with open(os.path.join(out_dir, "table1.md"), "w") as f:
+    with atomic_path(os.path.join(out_dir, "table1.md")) as tmp, open(tmp, "w") as f:
         f.write(md)
     evaluation.write_csv(rows, os.path.join(out_dir, "table1.csv"),
                          fields=("method",) + evaluation.TABLE1_FIELDS)
