@@ -189,3 +189,19 @@ def test_bench_converge_resume_skips_finished_runs(tmp_path):
     assert (res / "mi_s0" / "card.json").stat().st_mtime_ns == mi_card
     second = (tmp_path / "results" / "table1_converged_tiny2d.md").read_text()
     assert _table(second) == _table(first) and len(_table(first)) >= 4
+
+
+def test_conditioning_stats_find_a_dead_lambda_range():
+    """First hypernetwork layer set to relu(λ − 0.3) in every unit: nothing is active up to λ = 0.3, every unit
+    above it, and the embedding (hence the registration) is the same for all λ ≤ 0.3."""
+    from contrareg_tf.networks.hyper import build_hyper_vxm
+
+    model = build_hyper_vxm(get_preset("tiny2d"))
+    first = model.references.hyp_model.layers[1]
+    k, b = first.get_weights()
+    first.set_weights([np.ones_like(k), np.full_like(b, -0.3)])
+    st = _bench().conditioning_stats(model)
+    n = k.shape[1]
+    assert st["units"] == n
+    assert st["active_first_layer"] == {"0": 0, "0.1": 0, "0.5": n, "1": n}
+    assert st["flat_up_to"] == pytest.approx(0.3)
