@@ -125,7 +125,7 @@ def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
     card = _read_json(card_path)
     card["eval_seconds"] = round(time.time() - t1, 1)
-    card["lambda_use"] = conditioning_stats(model)
+    card["lambda_use"] = evaluation.lambda_use(model)
     write_json(os.path.join(tmp, "card.json"), card)
     shutil.rmtree(res_dir, ignore_errors=True)
     os.replace(tmp, res_dir)                         # the folder appears whole or not at all
@@ -133,20 +133,6 @@ def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
     _log(f"done {tag}: stopped at step {stop.get('step')} ({stop.get('reason')}), training {card['seconds']:.0f} s, "
          f"this call {time.time() - t0:.0f} s")
     return res_dir
-
-
-def conditioning_stats(model, step=0.005):
-    """How alive the λ-conditioning is: active (> 0) units of the hypernetwork's first ReLU layer at λ = 0, 0.1,
-    0.5 and 1, and the largest λ of a ``step`` grid up to which the embedding equals its value at λ = 0 (a
-    λ range the network cannot tell apart; 0 = every λ is distinguished)."""
-    hyp = model.references.hyp_model
-    lam = np.round(np.arange(0.0, 1.0 + step / 2, step), 6)[:, None].astype(np.float32)
-    first = hyp.layers[1](lam).numpy()
-    emb = hyp(lam).numpy()
-    same = np.all(np.abs(emb - emb[:1]) <= 1e-6 * (1 + np.abs(emb[:1])), axis=1)
-    flat = float(lam[np.argmin(same), 0] - step) if not same.all() else 1.0
-    pick = {f"{v:g}": int((first[int(round(v / step))] > 0).sum()) for v in (0.0, 0.1, 0.5, 1.0)}
-    return {"units": int(first.shape[1]), "active_first_layer": pick, "flat_up_to": round(max(flat, 0.0), 6)}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -198,7 +184,7 @@ def _stack(runs, key, i, seeds):
 
 
 def _fill_conditioning(res_root, run_root, methods, seeds):
-    """Add ``conditioning_stats`` to results cards that lack them, from the trained run when it is still here."""
+    """Add ``evaluation.lambda_use`` to results cards that lack them, from the trained run when it is still here."""
     from contrareg_tf.runs import load_trained
 
     for m in methods:
@@ -208,7 +194,7 @@ def _fill_conditioning(res_root, run_root, methods, seeds):
             if os.path.isfile(card_path) and os.path.isfile(os.path.join(run, "model.h5")):
                 card = _read_json(card_path)
                 if "lambda_use" not in card:
-                    card["lambda_use"] = conditioning_stats(load_trained(run)[0])
+                    card["lambda_use"] = evaluation.lambda_use(load_trained(run)[0])
                     write_json(card_path, card)
 
 
@@ -274,7 +260,7 @@ def report(res_root, methods, seeds, preset, before, ceiling):
             lines.append(f"| {LABELS[x]} − {LABELS[y]} | {a.size} | " + " | ".join(at_sel.cells() + cells) + " |")
         lines.append("")
     # the λ-conditioning at the end of training
-    lines += ["The λ-conditioning at the end of training (`conditioning_stats`): active units of the hypernetwork's "
+    lines += ["The λ-conditioning at the end of training (`evaluation.lambda_use`): active units of the hypernetwork's "
               "first ReLU layer (of its width) at λ = 0 / 0.1 / 0.5 / 1, and the λ up to which the embedding — hence "
               "the registration — is the same as at λ = 0.", "",
               "| run | active units at λ = 0 / 0.1 / 0.5 / 1 | output constant for λ ≤ |", "|---|---|---|"]

@@ -124,6 +124,21 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     return rows
 
 
+def lambda_use(model, step=0.005):
+    """How alive the λ-conditioning is: active (> 0) units of the hypernetwork's first ReLU layer at λ = 0, 0.1,
+    0.5 and 1, and the largest λ of a ``step`` grid up to which the embedding equals its value at λ = 0 (a
+    λ range the network cannot tell apart; 0 = every λ is distinguished; 1 = the λ-conditioning has collapsed:
+    one registration for every λ). A FiLM network whose hypernetwork's ReLU units are dead at small λ shows it."""
+    hyp = model.references.hyp_model
+    lam = np.round(np.arange(0.0, 1.0 + step / 2, step), 6)[:, None].astype(np.float32)
+    first = hyp.layers[1](lam).numpy()
+    emb = hyp(lam).numpy()
+    same = np.all(np.abs(emb - emb[:1]) <= 1e-6 * (1 + np.abs(emb[:1])), axis=1)
+    flat = float(lam[np.argmin(same), 0] - step) if not same.all() else 1.0
+    pick = {f"{v:g}": int((first[int(round(v / step))] > 0).sum()) for v in (0.0, 0.1, 0.5, 1.0)}
+    return {"units": int(first.shape[1]), "active_first_layer": pick, "flat_up_to": round(max(flat, 0.0), 6)}
+
+
 def pair_dice_before(pairs):
     """Per-pair Dice (mean over the pair's structures, ``metrics.pair_structures``) of the unregistered
     label maps."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from contrareg_tf import stats
+from contrareg_tf import evaluation, stats
 from contrareg_tf.config import PlateauRule, get_preset
 from contrareg_tf.training import plateau
 
@@ -191,7 +191,7 @@ def test_bench_converge_resume_skips_finished_runs(tmp_path):
     assert _table(second) == _table(first) and len(_table(first)) >= 4
 
 
-def test_conditioning_stats_find_a_dead_lambda_range():
+def test_lambda_use_finds_a_dead_lambda_range():
     """First hypernetwork layer set to relu(λ − 0.3) in every unit: nothing is active up to λ = 0.3, every unit
     above it, and the embedding (hence the registration) is the same for all λ ≤ 0.3."""
     from contrareg_tf.networks.hyper import build_hyper_vxm
@@ -200,8 +200,11 @@ def test_conditioning_stats_find_a_dead_lambda_range():
     first = model.references.hyp_model.layers[1]
     k, b = first.get_weights()
     first.set_weights([np.ones_like(k), np.full_like(b, -0.3)])
-    st = _bench().conditioning_stats(model)
+    st = evaluation.lambda_use(model)
     n = k.shape[1]
     assert st["units"] == n
     assert st["active_first_layer"] == {"0": 0, "0.1": 0, "0.5": n, "1": n}
     assert st["flat_up_to"] == pytest.approx(0.3)
+    k2, b2 = first.get_weights()
+    first.set_weights([np.zeros_like(k2), np.full_like(b2, -1.0)])   # every unit dead: one output for all λ
+    assert evaluation.lambda_use(model)["flat_up_to"] == 1.0
