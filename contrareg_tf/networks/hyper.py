@@ -37,6 +37,7 @@ from ..config import PAPER, Config
 from ..errors import ContraRegInputError
 from ..ops import check_image, warp_array as warp  # noqa: F401  (warp: public re-export)
 from .layers import FiLM, NearestUpsample
+from .memory import current_options, mixed_precision_build
 
 CONDITIONINGS = ("film", "hyperconv")
 
@@ -148,7 +149,12 @@ class FiLMVxmDense(ne.modelio.LoadableModel):
     @ne.modelio.store_config_args
     def __init__(self, inshape, ch=PAPER.ch, nb_levels=PAPER.nb_levels, int_steps=PAPER.int_steps,
                  int_resolution=PAPER.int_resolution, bidir=PAPER.bidir, hyp_layers=PAPER.hyp_layers,
-                 hyp_units=PAPER.hyp_units, film_l2=PAPER.film_l2, conditioning="film", name=None):
+                 hyp_units=PAPER.hyp_units, film_l2=PAPER.film_l2, conditioning="film", mixed_precision=None,
+                 name=None):
+        # mixed_precision: None = the enclosing ``memory.build_options`` (float32 outside one); True = the
+        # U-Net in float16, integration / warps float32 (networks/memory.py)
+        if mixed_precision is None:
+            mixed_precision = current_options().mixed_precision
         inshape = _validate(inshape, ch, nb_levels, int_steps, int_resolution, conditioning)
         if name is None:
             name = "film_vxm_dense" if conditioning == "film" else "hyper_vxm_dense"
@@ -159,7 +165,7 @@ class FiLMVxmDense(ne.modelio.LoadableModel):
         film_blocks = []
         block = (_make_film_conv_block(float(film_l2), film_blocks) if conditioning == "film"
                  else _vxm_networks._conv_block)
-        with _vxm_blocks(block):
+        with _vxm_blocks(block), mixed_precision_build(bool(mixed_precision)):
             core = vxm.networks.VxmDense(
                 inshape, nb_unet_features=nb_features, int_steps=int(int_steps),
                 int_resolution=int(int_resolution), bidir=bool(bidir), hyp_model=hyp_model,
@@ -177,6 +183,7 @@ class FiLMVxmDense(ne.modelio.LoadableModel):
         self.references.bidir = bool(bidir)
         self.references.int_steps = int(int_steps)
         self.references.registration_model = None
+        self.references.mixed_precision = bool(mixed_precision)
 
     # -- inference helpers --------------------------------------------------------------------------------
     def get_registration_model(self):
