@@ -19,7 +19,9 @@ Patches
    stdout while it runs.
 3. Log noise: ``TF_CPP_MIN_LOG_LEVEL=3`` (TF 2.15 prints three "Unable to register cuDNN/cuFFT/cuBLAS factory"
    lines at ERROR level on every start) unless the user set it, and
-   tensorflow-addons' end-of-life warning is filtered.
+   tensorflow-addons' end-of-life warning is filtered. TF 2.21 logs its start-up lines (oneDNN notice, CUDA stub)
+   through absl before it applies ``TF_CPP_MIN_LOG_LEVEL``; :func:`_import_tensorflow` drops the lines below
+   that level while TF loads (the one-``error:``-line contract of the commands).
 """
 import contextlib
 import importlib
@@ -27,7 +29,9 @@ import importlib.util
 import inspect
 import io
 import os
+import re
 import sys
+import tempfile
 import warnings
 from collections import namedtuple
 
@@ -79,9 +83,38 @@ def _tf_minor(version):
     return major, minor
 
 
+_NATIVE_LOG = re.compile(r"^([IWEF])\d{4} ")       # absl / TF C++ log line: severity letter, MMDD
+_ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+def _import_tensorflow():
+    """``import tensorflow`` with the native start-up lines below ``TF_CPP_MIN_LOG_LEVEL`` dropped (patch 3):
+    file descriptor 2 goes to a temporary file while TF loads; every other line is written back."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            import tensorflow as tf
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+            keep = [ln for ln in lines if not (ln.strip() == _ABSL_BANNER or (
+                _NATIVE_LOG.match(ln) and "IWEF".index(ln[0]) < level))]
+            sys.stderr.write("".join(keep))
+            sys.stderr.flush()
+    return tf
+
+
 def check_keras():
     """Raise :class:`KerasVersionError` unless ``tf.keras`` is Keras 2 (patch 0); imports TensorFlow."""
-    import tensorflow as tf
+    tf = _import_tensorflow()
 
     version = _tf_minor(tf.__version__)
     if version < (2, 16):

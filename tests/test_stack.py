@@ -83,6 +83,15 @@ def test_tensorflow_imported_first_with_keras3_is_one_clear_error():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_import_is_quiet_at_log_level_3():
+    """TF 2.21 writes its start-up lines through absl before it reads TF_CPP_MIN_LOG_LEVEL; the package drops them
+    while TF loads (the commands' one-error-line contract) and lets everything else through."""
+    code = "import sys; import contrareg_tf; print('after', file=sys.stderr)"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stderr.strip().splitlines() == ["after"], r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ tfa .h5
 _LOAD_WITHOUT_TFA = """
 import sys
