@@ -325,3 +325,30 @@ def test_description_errors(tmp_path):
     io.save_nifti(tmp_path / "layout" / "s1" / "t1.nii.gz", np.zeros((2, 2, 2), np.float32))
     with pytest.raises(ContraRegInputError, match="s1.*missing t2"):
         ds.load_description(tmp_path / "layout")
+
+
+def test_a_nifti_without_orientation_or_with_a_broken_affine_is_refused(tmp_path):   # N9
+    load_nifti = io.load_nifti
+    data = np.random.default_rng(0).random((6, 7, 5)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.set_sform(None, code=0)
+    img.set_qform(None, code=0)
+    nib.save(img, tmp_path / "nocodes.nii.gz")
+    with pytest.raises(ContraRegInputError, match=r"nocodes.nii.gz: no orientation in the header"):
+        load_nifti(tmp_path / "nocodes.nii.gz")
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.set_qform(None, code=0)
+    nib.save(img, tmp_path / "sform_only.nii.gz")
+    np.testing.assert_allclose(load_nifti(tmp_path / "sform_only.nii.gz").affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    bad = np.diag([2.0, 2.0, 2.0, 1.0])
+    bad[2, 2] = 0.0                                   # zero voxel size along k (the sform wins over the qform)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.set_sform(bad, code=1)
+    nib.save(img, tmp_path / "degenerate.nii.gz")
+    with pytest.raises(ContraRegInputError, match=r"degenerate.nii.gz: the header's affine is degenerate"):
+        load_nifti(tmp_path / "degenerate.nii.gz")
+    bad[2, 2], bad[0, 3] = 2.0, np.nan
+    img.set_sform(bad, code=1)
+    nib.save(img, tmp_path / "nan.nii.gz")
+    with pytest.raises(ContraRegInputError, match=r"nan.nii.gz: the header's affine is not finite"):
+        load_nifti(tmp_path / "nan.nii.gz")

@@ -98,7 +98,29 @@ def load_nifti(path, ndim: Optional[int] = None, vector: bool = False, dtype=np.
     if not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise ContraRegInputError(f"{p}: contains {bad} NaN/Inf voxels")
-    return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header, path=p)
+    return Volume(data=data, affine=_checked_affine(img, p, len(body)), header=img.header, path=p)
+
+
+def _checked_affine(img, p, nspat):
+    """The image's voxel-to-world affine, refused when it cannot place the image: a NIfTI with neither an sform
+    nor a qform code (nibabel would fall back to a pixdim-only affine with an assumed left–right flip), or an
+    affine that is not finite or whose spatial axes are degenerate (zero voxel size, collinear axes)."""
+    import nibabel as nib
+
+    if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        hdr = img.header
+        if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+            raise ContraRegInputError(f"{p}: no orientation in the header (sform_code = qform_code = 0): its "
+                                      "voxel-to-world mapping, left–right included, is unknown; set the sform or "
+                                      "qform of the file (e.g. nibabel img.set_sform(affine, code=1)) and retry")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ContraRegInputError(f"{p}: the header's affine is not finite ({np.array2string(affine, precision=3)})")
+    axes = affine[:3, :nspat]
+    if np.linalg.matrix_rank(axes, tol=1e-9 * max(1.0, float(np.abs(axes).max()))) < nspat:
+        raise ContraRegInputError(f"{p}: the header's affine is degenerate (zero voxel size or collinear axes): "
+                                  f"{np.array2string(affine[:3, :3], precision=3)}")
+    return affine
 
 
 def load_labels(path, ndim: Optional[int] = None, name: Optional[str] = None) -> Volume:
