@@ -50,6 +50,36 @@ def console(main):
     return cli
 
 
+def _number(kind, low, low_ok, high=None):
+    """An argparse ``type`` for a finite number of ``kind`` (int / float) above ``low`` (or equal when
+    ``low_ok``) and at most ``high``: a value out of range is argparse's one-line usage error (exit 2)."""
+    import argparse
+    import math
+
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(v) or v < low or (v == low and not low_ok) or (high is not None and v > high):
+            rng = f"{'≥' if low_ok else '>'} {low}" + (f" and ≤ {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {rng}")
+        return v
+
+    parse.__name__ = kind.__name__     # argparse names the type in its message
+    return parse
+
+
+positive_int = _number(int, 1, True)
+nonnegative_int = _number(int, 0, True)
+positive_float = _number(float, 0.0, False)
+
+
+def int_steps(text):
+    """Scaling-and-squaring steps: 0 (no integration) to 64 (2^64 sub-steps is already far past float32)."""
+    return _number(int, 0, True, 64)(text)
+
+
 def add_pair_outputs(p):
     """Options both registration commands share: labels in and out, affine pre-alignment, the ITK export."""
     p.add_argument("--moving-labels", help="label map of the moving image")

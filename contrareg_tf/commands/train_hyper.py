@@ -28,8 +28,9 @@ import argparse
 import dataclasses
 import sys
 
-from contrareg_tf.cli import console
+from contrareg_tf.cli import console, int_steps, nonnegative_int, positive_float, positive_int
 from contrareg_tf.compat import deterministic_ops
+from contrareg_tf.errors import ContraRegInputError
 
 
 
@@ -51,21 +52,27 @@ def parse(argv):
     p.add_argument("--heads", help="folder with pretrained heads1.h5/heads2.h5 to start from (SupPretrain: "
                    "train_autoencoder.py --sup-pretrain's output, with its ae_t1.h5/ae_t2.h5 as --ae1/--ae2)")
     p.add_argument("--dns-model", help="MASR-Net .h5 for --loss dns")
-    p.add_argument("--ch", type=int, help="U-Net width (paper: 64; 256 for the large runs)")
-    p.add_argument("--int-steps", type=int, help="scaling-and-squaring steps ts (paper: 5)")
-    p.add_argument("--iters", type=int, help="iterations (paper: 1e5)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (paper: 5e-5)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--num-patches", type=int, help="PatchNCE ns (paper: 1024)")
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--ch", type=positive_int, help="U-Net width (paper: 64; 256 for the large runs)")
+    p.add_argument("--int-steps", type=int_steps, help="scaling-and-squaring steps ts (paper: 5)")
+    p.add_argument("--iters", type=positive_int, help="iterations (paper: 1e5)")
+    p.add_argument("--lr", type=positive_float, help="Adam learning rate (paper: 5e-5)")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--num-patches", type=positive_int, help="PatchNCE ns (paper: 1024)")
+    p.add_argument("--ckpt-every", type=positive_int)
+    p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--conditioning", default="film", choices=("film", "hyperconv"))
     p.add_argument("--reg-penalty", choices=("l2", "norm"), help="L_reg on v: 'l2' = Grad('l2') (default), "
                    "'norm' = mean v²")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                   "(refused when a setting other than --iters / --ckpt-every differs from the run's)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, a "
+                   "folder holding a run is refused)")
     p.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
-    p.add_argument("--mixed-precision", action="store_true", help="mixed_float16 (GPU)")
+    p.add_argument("--mixed-precision", action="store_true", help="memory switch: the U-Net in float16 "
+                   "(integration, warps, autoencoders, heads and losses float32; dynamic loss scaling; GPU)")
     p.add_argument("--xla", action="store_true", help="XLA-compile the training step (GPU)")
+    p.add_argument("--remat", action="store_true", help="memory switch: recompute the full-resolution U-Net "
+                   "blocks in the backward pass (same gradients, less memory, slower; README's memory table)")
     p.add_argument("--no-val-curve", action="store_true", help="skip the validation Dice logged at every "
                    "checkpoint (val_curve.csv, Fig. 3 col. 4)")
     p.add_argument("--no-progress", action="store_true")
@@ -77,6 +84,8 @@ def main(argv=None):
     from contrareg_tf.config import get_preset
     from contrareg_tf.lock import out_dir_lock
 
+    if args.resume and args.overwrite:
+        raise ContraRegInputError("--resume and --overwrite exclude each other")
     cfg = get_preset(args.preset)
     over = {k: v for k, v in dict(ch=args.ch, int_steps=args.int_steps, num_patches=args.num_patches,
                                   ckpt_every=args.ckpt_every, seed=args.seed).items() if v is not None}
@@ -95,6 +104,11 @@ def main(argv=None):
 
 def _train(args, cfg, command):
     from contrareg_tf import experiment
+    from contrareg_tf.config import SYNTHMORPH_METHODS
+
+    if args.remat and args.loss in SYNTHMORPH_METHODS:
+        raise ContraRegInputError(f"{args.loss}: --remat applies to the λ-conditioned network only")
+    extra = {"remat": True} if args.remat else {}   # only when set: the SynthMorph trainer has no such option
 
     experiment.train_method(cfg, args.loss, args.out, data=args.data, ae1=args.ae1, ae2=args.ae2,
                             rand_ae=args.rand_ae, heads=args.heads, val_curve=not args.no_val_curve,
@@ -102,7 +116,7 @@ def _train(args, cfg, command):
                             batch_size=args.batch_size, resume=args.resume, strategy=args.strategy,
                             conditioning=args.conditioning, mixed_precision=args.mixed_precision, xla=args.xla,
                             reg_penalty=args.reg_penalty, progress=not args.no_progress,
-                            command=command)
+                            command=command, overwrite=args.overwrite, **extra)
 
 
 cli = console(main)

@@ -4,13 +4,15 @@ Outputs a run folder (``runs.py``)."""
 import dataclasses
 import os
 import time
+import warnings
 
 import tensorflow as tf
 
 from ..atomic import write_json
 from ..config import Config
-from ..errors import ContraRegInputError
-from ..runs import data_spacing, save_trained
+from ..errors import ContraRegInputError, ContraRegWarning
+from ..evaluation import lambda_use
+from ..runs import data_spacing, prepare_run_dir, save_trained
 from ..data.pairs import PairSampler
 from .loop import (_per_replica_mean, _reduce_terms, any_callback, get_strategy, is_chief, peak_rss_mb, run_loop,
                    set_mixed_precision, val_curve_callback)
@@ -56,12 +58,20 @@ def _training_model(model):
     return tf.keras.Model(model.inputs, [r.y_source, r.y_target, r.preint_flow, r.pos_flow, r.neg_flow])
 
 
-def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, jit=False):
+def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, jit=False, remat=False):
     """One Adam step on α(1−λ)·L_sim + λ·L_reg (+ FiLM weight decay), per-sample λ; ``sim`` (a
-    ``BidirSimilarity``) takes what it needs from the batch (masks, ExtNegs images)."""
+    ``BidirSimilarity``) takes what it needs from the batch (masks, ExtNegs images). ``remat``: the forward pass
+    recomputes the full-resolution U-Net blocks in the backward pass (``networks.memory.remat_call``; same
+    values, less memory). A ``LossScaleOptimizer`` (mixed precision) gets its loss scaled and gradients unscaled."""
     from ..losses.objective import hyper_loss
+    from ..networks.memory import remat_call
 
-    train_model = _training_model(model)
+    if remat:
+        r = model.references
+        train_model = remat_call(model, [r.y_source, r.y_target, r.preint_flow, r.pos_flow, r.neg_flow])
+    else:
+        train_model = _training_model(model)
+    scaled = isinstance(optimizer, tf.keras.mixed_precision.LossScaleOptimizer)
     variables = model.trainable_variables + sim.trainable_variables
 
     def replica_step(b):
@@ -74,7 +84,10 @@ def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, j
             loss = _per_replica_mean(strategy, per_sample, global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, variables)
+            scaled_loss = optimizer.get_scaled_loss(loss) if scaled else loss
+        grads = tape.gradient(scaled_loss, variables)
+        if scaled:
+            grads = optimizer.get_unscaled_gradients(grads)
         optimizer.apply_gradients([(g, w) for g, w in zip(grads, variables) if g is not None])
         out = {"loss": loss, "sim": _per_replica_mean(strategy, terms["sim"], global_batch),
                "reg": _per_replica_mean(strategy, l_reg, global_batch)}
@@ -92,11 +105,13 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
     rand_ae, heads, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model,
-    progress, reg_penalty, command, validate, monitor. ``heads``: a folder with ``heads1.h5``/``heads2.h5`` to start the
+    progress, reg_penalty, command, validate, monitor, overwrite. ``heads``: a folder with ``heads1.h5``/``heads2.h5`` to start the
     PatchNCE heads from (SupPretrain, paper §3). ``validate(model) -> float``: called at every checkpoint, its
     value logged to ``val_curve.csv`` (Fig. 3 col. 4). ``monitor = (fn, rule)``: ``fn(model) -> float`` logged to
     ``monitor_curve.csv`` at every checkpoint; training ends when that curve meets ``rule`` (a ``config.PlateauRule``,
-    ``training.plateau``) or at ``iters``; the card says which. ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
+    ``training.plateau``) or at ``iters``; the card says which. An ``out_dir`` that holds a run is refused unless
+    ``resume`` names the same run or ``overwrite`` is set (``runs.prepare_run_dir``, checked before anything is
+    written). ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
     ``strategy="multiworker"``: every worker of the ``TF_CONFIG`` cluster calls this with the same arguments and
     ``out_dir``; only the chief writes into it (``loop.run_loop``)."""
     from ..lock import out_dir_lock
@@ -126,38 +141,47 @@ class RegistrationSetup:
 
 def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None, rand_ae=False, lr=None,
                        batch_size=None, strategy="default", conditioning="film", mixed_precision=False, xla=False,
-                       dns_model=None, reg_penalty=None, heads=None) -> RegistrationSetup:
+                       dns_model=None, reg_penalty=None, heads=None, remat=False) -> RegistrationSetup:
     """Model, heads, similarity, Adam, checkpoint, the traced step and the pair sampler for ``loss_name``.
-    ``heads``: folder of pretrained ``heads1.h5``/``heads2.h5`` (SupPretrain) for a contrastive loss."""
+    ``heads``: folder of pretrained ``heads1.h5``/``heads2.h5`` (SupPretrain) for a contrastive loss.
+    Memory switches (``networks/memory.py``, off = the paper's setting): ``mixed_precision`` = the U-Net in
+    float16 (integration, warps, autoencoders, heads and losses float32; dynamic loss scaling), ``remat`` =
+    full-resolution U-Net blocks recomputed in the backward pass, ``xla`` = the step XLA-compiled."""
     from ..losses.objective import velocity_regulariser
     from ..losses.similarity import LossSpec
+    from ..networks.memory import build_options
 
     lr = float(lr or cfg.lr)
     batch_size = int(batch_size or cfg.batch_size)
     if tuple(train_arrays["t1"].shape[1:]) != tuple(cfg.inshape):
         raise ContraRegInputError(f"training images have shape {tuple(train_arrays['t1'].shape[1:])} but the "
                                   f"config expects {tuple(cfg.inshape)}")
-    set_mixed_precision(mixed_precision)
+    # the global policy stays float32: only the U-Net is built in float16 (build_options below), so the
+    # autoencoders, heads, PatchNCE logits / τ and MI histograms built after it stay float32
+    set_mixed_precision(False)
     strat = get_strategy(strategy)
     spec = LossSpec.parse(loss_name)
     tf.keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed (exact resume / re-runs)
     with strat.scope():
         rng = tf.random.Generator.from_seed(cfg.seed)
-        model, heads1, heads2, sim = build_components(cfg, loss_name, ae1, ae2, rand_ae, conditioning, dns_model,
-                                                      rng=rng)
+        with build_options(mixed_precision=mixed_precision):
+            model, heads1, heads2, sim = build_components(cfg, loss_name, ae1, ae2, rand_ae, conditioning,
+                                                          dns_model, rng=rng)
         if heads is not None:
             if heads1 is None:
                 raise ContraRegInputError(f"--heads: loss {loss_name!r} has no PatchNCE heads")
             from ..runs import load_trained_heads
             load_trained_heads(heads, heads1, heads2)
         optimizer = tf.keras.optimizers.Adam(lr)
+        if mixed_precision:  # float16 gradients underflow without it (Keras's dynamic loss scaling)
+            optimizer = tf.keras.mixed_precision.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables + sim.trainable_variables)
         step_var = tf.Variable(0, dtype=tf.int64, name="step", trainable=False)
         objs = {"model": model, "optimizer": optimizer, "step": step_var, "rng": rng, **sim.checkpoint_items()}
         ckpt = tf.train.Checkpoint(**objs)
         reg = velocity_regulariser(reg_penalty or cfg.reg_penalty)
         step = make_train_step(model, sim, reg, spec.alpha(cfg), optimizer, strat,
-                               global_batch=batch_size, jit=xla)
+                               global_batch=batch_size, jit=xla, remat=remat)
     if spec.needs_labels and train_arrays.get("labels") is None:
         raise ContraRegInputError(f"loss {loss_name!r} needs label maps of the training subjects")
     sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
@@ -170,11 +194,11 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
 def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
                  lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
                  mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
-                 command=None, heads=None, validate=None, monitor=None):
+                 command=None, heads=None, validate=None, monitor=None, overwrite=False, remat=False):
     iters = int(cfg.iters if iters is None else iters)
     os.makedirs(out_dir, exist_ok=True)
     s = setup_registration(cfg, loss_name, train_arrays, ae1, ae2, rand_ae, lr, batch_size, strategy, conditioning,
-                           mixed_precision, xla, dns_model, reg_penalty, heads)
+                           mixed_precision, xla, dns_model, reg_penalty, heads, remat=remat)
     lr, batch_size, model, heads1, heads2 = s.lr, s.batch_size, s.model, s.heads1, s.heads2
     meta = {"config": dataclasses.asdict(cfg), "loss": loss_name, "conditioning": conditioning,
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
@@ -185,6 +209,9 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
     chief = is_chief(s.strategy)  # multi-worker: the other workers train in lock-step but write nothing here
+    heads_files = [os.path.join(heads, n) for n in ("heads1.h5", "heads2.h5")] if heads is not None else []
+    prepare_run_dir(out_dir, meta, resume, overwrite, inputs=[a for a in (ae1, ae2, dns_model)
+                                                              if isinstance(a, (str, os.PathLike))] + heads_files)
     if chief:
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
@@ -201,6 +228,11 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
         save_trained(out_dir, model, heads1, heads2)
         card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
                     final=history[-1] if history else None,
-                    sec_per_step=round(elapsed / max(1, len(history)), 4), peak_rss_mb=peak_rss_mb())
+                    sec_per_step=round(elapsed / max(1, len(history)), 4), peak_rss_mb=peak_rss_mb(),
+                    lambda_use=lambda_use(model))
+        if card["lambda_use"]["flat_up_to"] >= 1.0:
+            card["warnings"] = [f"the λ-conditioning collapsed: one registration for every λ in [0, 1] (no unit "
+                                f"of the hypernetwork's first layer responds to λ); the run is not λ-conditioned"]
+            warnings.warn(ContraRegWarning(f"{out_dir}: {card['warnings'][0]}"))
         write_json(os.path.join(out_dir, "card.json"), card)
     return history
