@@ -216,6 +216,13 @@ def table(rows, convs, target=PAPER_GRID):
     return "\n".join(lines), fits
 
 
+def _append(path, record):
+    """One finished point to the JSON-lines file (when one is given), at once: an interrupted run keeps it."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["mi", "cr", "mcr"], choices=sorted(FAMILIES))
@@ -256,9 +263,7 @@ def main():
                 r = run_worker({"family": fam, "grid": g, "switch": sw})
                 if r:
                     rows.append(r)
-                    if a.jsonl:
-                        with open(a.jsonl, "a") as f:
-                            f.write(json.dumps(r) + "\n")
+                    _append(a.jsonl, r)
                     print(f"  {fam:7s} {sw:9s} {grid_name(g):10s} peak {r['peak'] / GB:.3f} GB "
                           f"step {r['step_s']:.1f} s rss {r['rss_mib'] / 1024:.1f} GiB", file=sys.stderr)
     for spec in a.conv or []:
@@ -266,9 +271,7 @@ def main():
         r = run_worker({"conv": True, "grid": g, "c_in": c})
         if r:
             convs.append(r)
-            if a.jsonl:
-                with open(a.jsonl, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            _append(a.jsonl, r)
     text, _ = table(rows, convs)
     print(text)
     if a.out:

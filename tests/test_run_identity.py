@@ -2,13 +2,13 @@
 run's settings before writing anything, no output may be an input, numeric flags are range-checked, and a refused
 run leaves no empty --out (the hostile-input probe's N1–N4, N12, N13)."""
 import contextlib
-import hashlib
 import io
 import json
 import os
 import shutil
 
 import pytest
+from conftest import tree_hash
 
 from contrareg_tf import runs
 from contrareg_tf.commands.train_hyper import cli
@@ -32,15 +32,6 @@ def _train(*args):
     return _Result(code, err.getvalue())
 
 
-def _md5s(folder):
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, folder)] = hashlib.md5(open(p, "rb").read()).hexdigest()
-    return out
-
-
 def _error_line(proc):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
@@ -56,20 +47,20 @@ def finished_run(tmp_path_factory):
 
 
 def test_a_finished_run_is_not_overwritten_without_overwrite(finished_run):
-    before = _md5s(finished_run)
+    before = tree_hash(finished_run)
     line = _error_line(_train("--loss", "mi", "--iters", "3", "--out", finished_run))   # N1
     assert "holds a finished run" in line and "--overwrite" in line
-    assert _md5s(finished_run) == before
+    assert tree_hash(finished_run) == before
 
 
 @pytest.mark.parametrize("args, differs", [(("--loss", "mi", "--ch", "16"), "config.ch"),        # N2
                                            (("--loss", "ngf"), "loss"),                             # N4
                                            (("--loss", "mi", "--lr", "0.01"), "lr")])
 def test_resume_refuses_another_run_before_writing(finished_run, args, differs):
-    before = _md5s(finished_run)
+    before = tree_hash(finished_run)
     line = _error_line(_train(*args, "--resume", "--iters", "6", "--out", finished_run))
     assert "not the same run" in line and differs in line
-    assert _md5s(finished_run) == before
+    assert tree_hash(finished_run) == before
 
 
 def test_resume_extends_and_overwrite_replaces(tmp_path):
@@ -91,10 +82,10 @@ def test_resume_extends_and_overwrite_replaces(tmp_path):
 def test_no_output_is_an_input(tmp_path):                            # N3
     sp = str(tmp_path / "SP")
     assert _train("--loss", "cr", "--rand-ae", "--iters", "2", "--out", sp).returncode == 0
-    before = _md5s(sp)
+    before = tree_hash(sp)
     line = _error_line(_train("--loss", "cr", "--rand-ae", "--heads", sp, "--iters", "2", "--out", sp))
     assert "is one of its outputs" in line and "heads1.h5" in line
-    assert _md5s(sp) == before
+    assert tree_hash(sp) == before
 
 
 @pytest.mark.parametrize("flag, value", [("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--batch-size", "0"),
