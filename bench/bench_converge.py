@@ -55,11 +55,19 @@ def _read_json(path):
         return json.load(f)
 
 
-def finished(card, max_steps):
-    """Whether a run's card says it needs no more training: stopped at its plateau, or at a cap ≥ ``max_steps``
-    (a study resumed with a higher ``--max-steps`` continues the capped runs from their checkpoints)."""
+def _rule_key(rule):
+    """The parts of a stopping rule that decide where a run stops (the cap is compared separately)."""
+    return {k: v for k, v in (rule or {}).items() if k != "max_steps"}
+
+
+def finished(card, max_steps, rule=CONVERGE):
+    """Whether a run's card says it needs no more training: stopped at its plateau under ``rule`` (a run stopped
+    under another rule — or one the card does not record — goes on from its checkpoint), or at a cap ≥
+    ``max_steps`` (a study resumed with a higher ``--max-steps`` continues the capped runs)."""
     stop = card.get("stopped") or {}
-    return stop.get("reason") == "plateau" or int(stop.get("step", 0)) >= max_steps
+    if int(stop.get("step", 0)) >= max_steps:
+        return True
+    return stop.get("reason") == "plateau" and _rule_key(stop.get("rule")) == _rule_key(dataclasses.asdict(rule))
 
 
 def _train_autoencoder(preset, modality, path, iters):
@@ -95,7 +103,7 @@ def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
     t0 = time.time()
     card_path = os.path.join(run_dir, "card.json")
     capped = os.path.isfile(card_path) and not finished(_read_json(card_path), max_steps)
-    if capped or not os.path.isfile(card_path):   # not trained, or stopped at a lower cap than now
+    if capped or not os.path.isfile(card_path):   # not trained, or stopped at a lower cap / under another rule
         arr = experiment.split_arrays(desc, "train", cfg)
         kw = dict(ae1=ae_pair[0], ae2=ae_pair[1]) if is_contrastive(method) else {}
         train_hyper(run_cfg, method, run_dir,
@@ -171,6 +179,13 @@ def _read_curve(d, name):
     return [int(r["step"]) for r in rows], [r["dice"] for r in rows]
 
 
+def _stop_text(card):
+    """"step (reason)", with † when the run stopped under another rule than ``CONVERGE`` (or one not recorded)."""
+    stop = card.get("stopped") or {}
+    other = _rule_key(stop.get("rule")) != _rule_key(dataclasses.asdict(CONVERGE))
+    return f"{stop.get('step')} ({stop.get('reason', '?')}){' †' if other else ''}"
+
+
 def _selected(runs, budget=FOLD_BUDGET):
     """Index of λ chosen on the seed-mean curve (best mean Dice with mean % folds < budget), or None."""
     dice = np.mean([r["dice"].mean(1) for r in runs.values()], 0)
@@ -217,8 +232,7 @@ def report(res_root, methods, seeds, preset, before, ceiling):
         ss = sorted(runs)
         i = _selected(runs)
         sel[m] = i
-        stops = ", ".join(f"{runs[s]['card'].get('stopped', {}).get('step')} ({runs[s]['card'].get('stopped', {}).get('reason', '?')})"
-                          for s in ss)
+        stops = ", ".join(_stop_text(runs[s]["card"]) for s in ss)
         secs = ", ".join(f"{runs[s]['card']['seconds']:.0f}" for s in ss)
         if i is None:
             lines.append(f"| {LABELS.get(m, m)} | {len(ss)} | – | no λ with folds < {FOLD_BUDGET}% | | | | | | {stops} | {secs} |")
@@ -369,7 +383,9 @@ def main():
             "", f"Stopping rule (`config.CONVERGE`): every {r.check_every} steps from step {r.min_steps}, stop when the "
             f"mean monitor Dice over the last {r.window:.0%} of the steps exceeds that of the {r.window:.0%} before by "
             f"less than {r.min_gain}; cap {a.max_steps} steps. Monitor: Dice at λ = {VAL_CURVE_LAMBDA:g} on "
-            f"{r.monitor_pairs} fixed pairs of training subjects. Learning rate, batch and network: the preset's. "
+            f"{r.monitor_pairs} fixed pairs of training subjects; the plateau must hold at {r.patience} consecutive checks. "
+            "† = stopped under an earlier rule (patience 1, cap 10000; its card records no rule). "
+            "Learning rate, batch and network: the preset's. "
             f"Table 1: λ selected on the seed-mean curve (best Dice with mean % folds < {FOLD_BUDGET}); Dice ± std over "
             "(test pair × seed).", ""]
     text = "\n".join(head) + body + "\n\nFigures: " + ", ".join(f"`{os.path.basename(f)}`" for f in figs) + "\n"

@@ -258,15 +258,16 @@ VAL_CURVE_PAIRS = 4
 class PlateauRule:
     """When a run counts as converged (``training.plateau``; ``bench/bench_converge.py``): at every check
     (``check_every`` steps, from ``min_steps`` on) the mean monitored Dice over the checks in the last ``window``
-    fraction of the steps minus the mean over the window before it is below ``min_gain``; ``max_steps`` caps every
-    method alike. The monitor: Dice at ``VAL_CURVE_LAMBDA`` on ``monitor_pairs`` fixed inter-subject pairs of
+    fraction of the steps minus the mean over the window before it is below ``min_gain``, at ``patience``
+    consecutive checks; ``max_steps`` caps every method alike. The monitor: Dice at ``VAL_CURVE_LAMBDA`` on ``monitor_pairs`` fixed inter-subject pairs of
     *training* subjects (their labels are never used in training) — the built-in data's validation split has
     only 2 subjects (2 pairs), too few to resolve a 0.002 gain; the validation curve is logged beside it."""
     check_every: int = 250
     min_steps: int = 2500
     window: float = 0.2
     min_gain: float = 0.002
-    max_steps: int = 10_000
+    patience: int = 3
+    max_steps: int = 20_000
     monitor_pairs: int = 12
 
 

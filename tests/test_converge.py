@@ -13,11 +13,11 @@ import pytest
 from scipy import stats as sps
 
 from contrareg_tf import evaluation, stats
-from contrareg_tf.config import PlateauRule, get_preset
+from contrareg_tf.config import CONVERGE, PlateauRule, get_preset
 from contrareg_tf.training import plateau
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RULE = PlateauRule(check_every=100, min_steps=1000, window=0.2, min_gain=0.002, max_steps=10_000)
+RULE = PlateauRule(check_every=100, min_steps=1000, window=0.2, min_gain=0.002, patience=1, max_steps=10_000)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,13 +86,14 @@ def test_a_training_run_ends_at_its_plateau(tmp_path):
     t1 = np.stack([gaussian_filter(rng.random(cfg.inshape), 2.0) for _ in range(4)])
     t1 = ((t1 - t1.min()) / (t1.max() - t1.min())).astype(np.float32)
     arrays = {"t1": t1, "t2": 1.0 - t1}
-    rule = PlateauRule(check_every=2, min_steps=4, window=0.2, min_gain=0.002, max_steps=20)
+    rule = PlateauRule(check_every=2, min_steps=4, window=0.2, min_gain=0.002, patience=1, max_steps=20)
     out = str(tmp_path / "run")
     training.train_hyper(cfg, "mi", out, arrays, iters=20, progress=False, monitor=(lambda m: 0.5, rule))
     with open(os.path.join(out, "card.json")) as f:
         card = json.load(f)
     # checks at 2, 4, 6: at 4 the previous window (2.4, 3.2] is empty; at 6 the windows (3.6, 4.8], (4.8, 6] hold one each
-    assert card["stopped"] == {"step": 6, "reason": "plateau"}
+    assert (card["stopped"]["step"], card["stopped"]["reason"]) == (6, "plateau")
+    assert card["stopped"]["rule"]["patience"] == 1
     assert card["steps_run"] == 6
     with open(os.path.join(out, "monitor_curve.csv")) as f:
         assert [line.split(",")[0] for line in f.read().split()[1:]] == ["2", "4", "6"]
@@ -159,12 +160,30 @@ def _bench():
     return mod
 
 
-def test_a_capped_run_is_unfinished_under_a_higher_cap():
+def test_a_run_is_unfinished_under_a_higher_cap_or_another_rule():
     finished = _bench().finished
-    assert finished({"stopped": {"step": 4000, "reason": "plateau"}}, 10_000)
+    now = dataclasses.asdict(CONVERGE)
+    assert finished({"stopped": {"step": 4000, "reason": "plateau", "rule": now}}, 10_000)
+    assert finished({"stopped": {"step": 4000, "reason": "plateau", "rule": dict(now, max_steps=1)}}, 10_000)
+    assert not finished({"stopped": {"step": 4000, "reason": "plateau", "rule": dict(now, patience=1)}}, 10_000)
+    assert not finished({"stopped": {"step": 4000, "reason": "plateau"}}, 10_000)      # rule not recorded
     assert finished({"stopped": {"step": 10_000, "reason": "cap"}}, 10_000)
     assert not finished({"stopped": {"step": 10_000, "reason": "cap"}}, 20_000)
     assert not finished({}, 10_000)
+
+
+def test_patience_needs_the_plateau_at_consecutive_checks():
+    """A rising curve with one dip: patience 1 stops at the dip, patience 3 does not (the MI run of seed 0 in
+    bench/results/converge_cpu-bench stopped this way); a flat curve stops two checks later with patience 3."""
+    steps = list(range(250, 10_001, 250))
+    rising = [0.4 + 1e-5 * t for t in steps]
+    rising[steps.index(5000)] -= 0.04   # at 5000: gain 0.01 − 0.04 / 4 = 0 < 0.002; at 4750 and 5250 ≥ 0.0025
+    one = dataclasses.replace(RULE, check_every=250, min_steps=2500)
+    three = dataclasses.replace(one, patience=3)
+    assert _first_stop(steps, rising, one) is not None
+    assert _first_stop(steps, rising, three) is None
+    flat = [0.5] * len(steps)
+    assert _first_stop(steps, flat, three) == _first_stop(steps, flat, one) + 2 * 250
 
 
 def _table(md):

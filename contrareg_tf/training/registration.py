@@ -223,7 +223,8 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
     elapsed = time.time() - t0
     final_step = int(s.ckpt.step.numpy())
     if monitor:
-        meta["stopped"] = {"step": final_step, "reason": "plateau" if final_step < iters else "cap"}
+        meta["stopped"] = {"step": final_step, "reason": "plateau" if final_step < iters else "cap",
+                           "rule": dataclasses.asdict(monitor[1])}
     if chief:
         save_trained(out_dir, model, heads1, heads2)
         card = dict(meta, steps_run=len(history), seconds=round(elapsed, 2),
