@@ -91,8 +91,10 @@ def test_parallel_training_workers_match_in_process_training(tiny_run, tmp_path)
     for (name, x), (_, y) in zip(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=name)
     assert os.path.isfile(tmp_path / "w_ngf" / "model.h5")
+    # the second job into a new folder: w_ngf holds a finished run, which a new training refuses (runs.prepare_run_dir)
     bad = [(cfg, "mcr", str(tmp_path / "bad"), dict(iters=2, ae1=str(tmp_path / "missing.h5"),
-                                                    ae2=str(tmp_path / "missing.h5"))), jobs[0]]
+                                                    ae2=str(tmp_path / "missing.h5"))),
+           (cfg, "ngf", str(tmp_path / "w_ngf_again"), dict(iters=2))]
     with pytest.raises(ContraRegInputError, match="missing.h5"):
         experiment._train_runs(bad, None, progress=False, workers=2)
 

@@ -210,9 +210,9 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
         meta["data_spacing"] = spacing
     chief = is_chief(s.strategy)  # multi-worker: the other workers train in lock-step but write nothing here
     heads_files = [os.path.join(heads, n) for n in ("heads1.h5", "heads2.h5")] if heads is not None else []
-    prepare_run_dir(out_dir, meta, resume, overwrite, inputs=[a for a in (ae1, ae2, dns_model)
-                                                              if isinstance(a, (str, os.PathLike))] + heads_files)
-    if chief:
+    if chief:   # the other workers of a multi-worker run would find the chief's config.json and refuse
+        prepare_run_dir(out_dir, meta, resume, overwrite, inputs=[a for a in (ae1, ae2, dns_model)
+                                                                  if isinstance(a, (str, os.PathLike))] + heads_files)
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
     on_checkpoint = any_callback(

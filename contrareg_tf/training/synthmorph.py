@@ -254,9 +254,8 @@ def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, 
     if spacing is not None:      # register.py runs the model at this voxel size (inference.model_window)
         meta["data_spacing"] = spacing
     chief = is_chief(strat)   # multi-worker: the other workers train in lock-step but write nothing here
-    if out_dir is not None:
+    if out_dir is not None and chief:   # only the chief: the other workers would find its config.json
         prepare_run_dir(out_dir, meta, resume, overwrite)
-    if out_dir is not None and chief:
         os.makedirs(out_dir, exist_ok=True)
         write_json(os.path.join(out_dir, "config.json"), meta)
     t0 = time.time()
