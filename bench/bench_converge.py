@@ -35,7 +35,11 @@ sys.path.insert(0, ROOT)
 
 from contrareg_tf import evaluation, experiment, stats  # noqa: E402
 from contrareg_tf.atomic import write_json  # noqa: E402
+from contrareg_tf.data import proxy  # noqa: E402
+from contrareg_tf.losses.similarity import is_contrastive  # noqa: E402
 from contrareg_tf.metrics import dice30  # noqa: E402
+from contrareg_tf.runs import load_trained  # noqa: E402
+from contrareg_tf.training import train_hyper  # noqa: E402
 from contrareg_tf.config import (CONVERGE, FOLD_BUDGET, LAMBDAS_17, TABLE1_A, VAL_CURVE_LAMBDA,  # noqa: E402
                                  get_preset)
 
@@ -92,10 +96,6 @@ def _monitor(cfg, desc, tag):
 
 def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
     """Train ``method`` with training seed ``seed`` into ``run_dir`` and write its results folder ``res_dir``."""
-    from contrareg_tf.losses.similarity import is_contrastive
-    from contrareg_tf.runs import load_trained
-    from contrareg_tf.training import train_hyper
-
     cfg = get_preset(preset)                       # data and test pairs: the preset's seed
     run_cfg = dataclasses.replace(cfg, seed=seed, iters=max_steps, ckpt_every=CONVERGE.check_every)
     desc = experiment.resolve_data(cfg)
@@ -132,8 +132,7 @@ def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
         if os.path.isfile(os.path.join(run_dir, name)):
             shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, name))
     card = _read_json(card_path)
-    card["eval_seconds"] = round(time.time() - t1, 1)
-    card["lambda_use"] = evaluation.lambda_use(model)
+    card["eval_seconds"] = round(time.time() - t1, 1)   # lambda_use: written by train_hyper
     write_json(os.path.join(tmp, "card.json"), card)
     shutil.rmtree(res_dir, ignore_errors=True)
     os.replace(tmp, res_dir)                         # the folder appears whole or not at all
@@ -163,20 +162,11 @@ def load_results(res_root, methods, seeds):
             for r in recs:
                 for k in per:
                     per[k][lam_index[float(r["lambda"])], int(r["pair"])] = float(r[k])
-            with open(os.path.join(d, "card.json")) as f:
-                card = json.load(f)
-            curves = {n: evaluation.read_val_curve(d) if n == "val" else _read_curve(d, "monitor_curve.csv")
-                      for n in ("val", "monitor")}
+            card = _read_json(os.path.join(d, "card.json"))
+            curves = {"val": evaluation.read_val_curve(d),
+                      "monitor": evaluation.read_val_curve(d, "monitor_curve.csv")}
             out.setdefault(m, {})[s] = dict(rows=rows, card=card, **per, **curves)
     return out
-
-
-def _read_curve(d, name):
-    path = os.path.join(d, name)
-    if not os.path.isfile(path):
-        return None
-    rows = evaluation.read_csv(path)
-    return [int(r["step"]) for r in rows], [r["dice"] for r in rows]
 
 
 def _stop_text(card):
@@ -198,10 +188,8 @@ def _stack(runs, key, i, seeds):
     return np.concatenate([runs[s][key][i] for s in seeds])
 
 
-def _fill_conditioning(res_root, run_root, methods, seeds):
+def _fill_lambda_use(res_root, run_root, methods, seeds):
     """Add ``evaluation.lambda_use`` to results cards that lack them, from the trained run when it is still here."""
-    from contrareg_tf.runs import load_trained
-
     for m in methods:
         for s in seeds:
             card_path = os.path.join(res_root, f"{m}_s{s}", "card.json")
@@ -348,9 +336,6 @@ def main():
     os.makedirs(res_root, exist_ok=True)
     t0 = time.time()
     desc = experiment.resolve_data(cfg)
-    from contrareg_tf.data import proxy
-    from contrareg_tf.losses.similarity import is_contrastive
-
     ae_pair = tuple(os.path.join(res_root, f"ae_{m}.h5") for m in ("t1", "t2"))
     def done(m, s):
         card = os.path.join(res_root, f"{m}_s{s}", "card.json")
@@ -373,7 +358,7 @@ def main():
     test = experiment.make_test_pairs(experiment.split_arrays(desc, "test", cfg), None, seed=cfg.seed)
     before = float(np.mean(evaluation.pair_dice_before(test)))
     ceiling = proxy.dice_ceiling(desc, split="test", n_pairs=None)["mean"]
-    _fill_conditioning(res_root, out, a.methods, a.seeds)
+    _fill_lambda_use(res_root, out, a.methods, a.seeds)
     body, figs = report(res_root, a.methods, a.seeds, a.preset, before, ceiling)
     today = datetime.date.today().isoformat()
     r = CONVERGE

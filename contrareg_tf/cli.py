@@ -4,6 +4,8 @@ Contract: bad input (``ContraRegInputError``, including ``RegistrationDiverged``
 ``error: …`` line on stderr and exit status 2; a diverged training run is one ``error: …`` line and exit 3;
 ``ContraRegWarning`` is one ``warning: …`` line on stderr and does not change the exit status.
 """
+import argparse
+import math
 import sys
 import warnings
 
@@ -53,9 +55,6 @@ def console(main):
 def _number(kind, low, low_ok, high=None):
     """An argparse ``type`` for a finite number of ``kind`` (int / float) above ``low`` (or equal when
     ``low_ok``) and at most ``high``: a value out of range is argparse's one-line usage error (exit 2)."""
-    import argparse
-    import math
-
     def parse(text):
         try:
             v = kind(text)
@@ -75,9 +74,8 @@ nonnegative_int = _number(int, 0, True)
 positive_float = _number(float, 0.0, False)
 
 
-def int_steps(text):
-    """Scaling-and-squaring steps: 0 (no integration) to 64 (2^64 sub-steps is already far past float32)."""
-    return _number(int, 0, True, 64)(text)
+# scaling-and-squaring steps: 0 (no integration) to 64 (2^64 sub-steps is already far past float32)
+int_steps = _number(int, 0, True, 64)
 
 
 def add_pair_outputs(p):

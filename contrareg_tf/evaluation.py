@@ -236,11 +236,12 @@ def table1(results, budget=FOLD_BUDGET, before=None, paper=None, sets=None):
     return out, "\n".join(lines) + "\n"
 
 
-def read_val_curve(run_dir):
-    """(steps, Dice) of a run's ``val_curve.csv`` (Fig. 3 col. 4), or None when the run has none."""
+def read_val_curve(run_dir, name="val_curve.csv"):
+    """(steps, Dice) of a run's ``val_curve.csv`` (Fig. 3 col. 4; ``name="monitor_curve.csv"``: the plateau
+    rule's monitor), or None when the run has none."""
     import os
 
-    path = os.path.join(run_dir, "val_curve.csv")
+    path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return None
     rows = read_csv(path)

@@ -164,16 +164,17 @@ RUN_OUTPUTS = ("config.json", "card.json", "model.h5", "heads1.h5", "heads2.h5",
 
 
 def _differences(old, new, prefix=""):
+    """``key: old in the run, new now`` for every entry (nested dicts as ``config.ch``) that names the run and
+    differs; both sides as JSON reads them (lists, not tuples). ``RESUMABLE_KEYS`` are skipped at the top level
+    and inside ``config`` (its ``iters`` / ``ckpt_every``)."""
     out = []
     for k in sorted(set(old) | set(new)):
-        if k in RESUMABLE_KEYS and not prefix:
-            continue
-        if prefix == "config." and k in ("iters", "ckpt_every"):
+        if k in RESUMABLE_KEYS and prefix in ("", "config."):
             continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
-        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+        elif a != b:
             out.append(f"{prefix}{k}: {a!r} in the run, {b!r} now")
     return out
 
