@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from contrareg_tf.config import CORE, get_preset
 from contrareg_tf.losses import core
+from contrareg_tf.losses.joint import JointSimilarity
 from contrareg_tf.losses.similarity import build_similarity
 
 
@@ -110,6 +111,8 @@ def test_protocol_terms_and_gradients(preset):
     cfg = get_preset(preset)
     sim = build_similarity("core", cfg, seed=tf.random.Generator.from_seed(0))
     assert set(sim.checkpoint_items()) == {"core_enc1", "core_enc2"}
+    # satisfies the protocol by structure, without inheriting from it
+    assert isinstance(sim.d12, JointSimilarity) and JointSimilarity not in type(sim.d12).__mro__
     rs = np.random.default_rng(0)
     shape = (2, *cfg.inshape, 1)
     i1, i2 = (tf.constant(_smooth_image(rs, shape)) for _ in range(2))

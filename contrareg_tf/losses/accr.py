@@ -83,7 +83,6 @@ from ..config import PAPER
 from ..errors import ContraRegInputError
 from .mind import neighbourhood
 from .patchnce import _NEG, sample_locations
-from .similarity import JointSimilarity
 
 
 # ------------------------------------------------------------------------------------------ loss pieces
@@ -147,8 +146,8 @@ def point_regions(labels, idx, flow=None):
 
 
 # ------------------------------------------------------------------------------------------ the method
-class ACCRSimilarity(JointSimilarity):
-    """ACCR as a :class:`~contrareg_tf.losses.similarity.JointSimilarity`: both directions from one object.
+class ACCRSimilarity:
+    """ACCR, a :class:`~contrareg_tf.losses.joint.JointSimilarity` (by structure): both directions, one object.
 
     ndim: 2 or 3; attention: with the cross-modal attention block (``accr``) or without (``accr-noattn``);
     params: an ``ACCRConfig``; rng: a ``tf.random.Generator`` (all location draws come from it; checkpoint it

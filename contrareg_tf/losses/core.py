@@ -1,6 +1,6 @@
 """CoRe (Kats et al., "CoRe: Joint Optimization with Contrastive Learning for Medical Image Registration") as a
 jointly trained similarity for the λ-conditioned network (``--loss core``; the ``JointSimilarity`` protocol of
-``similarity.py``), adapted to T1w ↔ T2w inter-subject registration.
+``joint.py``), adapted to T1w ↔ T2w inter-subject registration.
 
 Equivariance InfoNCE (CoRe §2.3, eq. 3, after SimCLR's NT-Xent). For an image x and a random affine A from the
 augmentation set, z_i = E(A(x))_i and z'_i = A(E(x))_i at N sampled locations i (the *same* affine warp applied

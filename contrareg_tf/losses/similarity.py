@@ -21,7 +21,7 @@ LOSS_NAMES = ("mcr", "cr", "mi", "lmi", "mind", "ngf", "cr+mi", "cr+extnegs", "c
               "mcr+mi", "mcr+extnegs", "dns", "core", "accr", "accr-noattn")
 CONTRASTIVE = ("cr", "mcr")
 # similarities whose feature networks are trained jointly with the registration network (their own weights,
-# no autoencoders): the JointSimilarity protocol below
+# no autoencoders): they satisfy the ``joint.JointSimilarity`` protocol
 JOINT = ("core", "accr", "accr-noattn")
 
 
@@ -59,7 +59,7 @@ class LossSpec:
 
     @property
     def joint(self) -> bool:
-        """CoRe / ACCR: a feature network trained with the registration network (:class:`JointSimilarity`)."""
+        """CoRe / ACCR: a feature network trained with the registration network (``joint.JointSimilarity``)."""
         return self.base in JOINT
 
     @property
@@ -127,24 +127,6 @@ def _ngf(cfg, *_):
 def _dns(cfg, ae1, ae2, heads1, heads2, dns_model, *_):
     from .dns import DNS
     return DNS(dns_model)      # a MASR-Net model or .h5 path; None = the shipped weights for this ndim
-
-
-class JointSimilarity:
-    """Protocol of a jointly trained similarity (CoRe, ACCR): one object serves both directions.
-
-    - ``trainable_variables``: its feature network's weights (optimised with the registration network);
-    - ``checkpoint_items()``: dict name -> trackable, added to the training checkpoint (exact resume);
-    - ``pair_terms(batch, moved2, moved1, pos_flow, neg_flow) -> (d12, d21)``: per-sample (B,) terms for a
-      training batch (``img1``, ``img2``; ``labels1``/``labels2`` int32 (B, *shape, 1) when the spec
-      ``needs_labels``); ``pos_flow`` warps subject b's T2w onto a's T1w (moved2), ``neg_flow`` the reverse.
-      The flows may be None (then terms that need them are left out)."""
-    trainable_variables = ()
-
-    def checkpoint_items(self):
-        return {}
-
-    def pair_terms(self, batch, moved2, moved1, pos_flow=None, neg_flow=None):
-        raise NotImplementedError
 
 
 def _core(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
