@@ -46,7 +46,7 @@ c. **Anatomy-aware patch contrastive loss** (review §4 c), a masked InfoNCE wit
    map read through the same displacement u that warped the image (``pos_flow`` for d12, ``neg_flow`` for d21).
    Without the flow (``pos_flow``/``neg_flow`` None, e.g. ``BidirSimilarity.__call__``) r_m = r_f (the moved
    image is taken as aligned to the fixed one). Excluded logits are set to −1e9 (exp underflows to exactly
-   0: −∞ in effect, ``patchnce``'s constant). The background label 0 is a region like any other. A query
+   0: −∞ in effect, ``nce.MASKED_LOGIT``). The background label 0 is a region like any other. A query
    with no admissible negative has ℓ_i = 0 and still counts in the mean. **Without label maps** in the batch
    (``labels1``/``labels2`` absent) the negatives fall back to every other sampled location (plain PatchNCE
    with one layer, j ≠ i) and a warning says so.
@@ -82,7 +82,8 @@ from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
 from .mind import neighbourhood
-from .patchnce import _NEG, sample_locations
+from .nce import paired_nce
+from .patchnce import sample_locations
 
 
 # ------------------------------------------------------------------------------------------ loss pieces
@@ -114,11 +115,7 @@ def allowed_negatives(region_q, region_k):
 def masked_nce(feats_q, feats_k, allowed, tau=_config.ACCR.tau):
     """Masked InfoNCE (docstring, c): row i of ``feats_k`` is the positive of query i, the keys j with
     ``allowed[b, i, j]`` its negatives. feats (B, n, D), unit vectors; returns (B,) = mean_i ℓ_i."""
-    logits = tf.einsum("bid,bjd->bij", feats_q, feats_k) / tau
-    pos = tf.linalg.diag_part(logits)
-    keep = tf.logical_or(tf.eye(tf.shape(logits)[1], dtype=tf.bool)[None], allowed)
-    logits = tf.where(keep, logits, tf.cast(_NEG, logits.dtype))
-    return tf.reduce_mean(tf.reduce_logsumexp(logits, axis=-1) - pos, axis=-1)
+    return tf.reduce_mean(paired_nce(feats_q, feats_k, allowed, tau), axis=-1)
 
 
 def gather_points(x, idx):

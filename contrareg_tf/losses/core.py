@@ -55,6 +55,7 @@ import tensorflow as tf
 
 from .. import ops
 from ..config import CORE, FOREGROUND_LEVEL, PAPER
+from .nce import nce_terms, valid_mean
 from .patchnce import sample_locations
 
 
@@ -69,9 +70,7 @@ def infonce(u, v, valid=None, tau=CORE.tau):
     vv = tf.concat([valid, valid], 1)
     keep = tf.logical_and(vv[:, None, :], ~tf.eye(2 * n, dtype=tf.bool)[None])
     pos = tf.reduce_sum(w * tf.roll(w, n, axis=1), -1) / tau              # partner of i is i ± N
-    per = tf.reduce_logsumexp(tf.where(keep, logits, tf.cast(-1e9, logits.dtype)), -1) - pos
-    a = tf.cast(vv, per.dtype)
-    return tf.reduce_sum(a * per, -1) / tf.maximum(tf.reduce_sum(a, -1), 1.0)
+    return valid_mean(nce_terms(logits, pos, keep), vv)
 
 
 def random_affine(rng, batch, shape, cfg=CORE):

@@ -32,9 +32,9 @@ import tensorflow as tf
 from .. import ops
 from ..config import FOREGROUND_LEVEL, PAPER
 from ..errors import ContraRegInputError
+from .nce import paired_nce, valid_mean
 
 DEFAULT_MASK_THRESHOLD = FOREGROUND_LEVEL   # foreground = intensity > 5% of the [0, 1] range (not in paper)
-_NEG = -1e9                     # logit of an excluded negative (exp → 0 exactly)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -93,22 +93,12 @@ def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, va
     negatives for every query (ExtNegs), valid_ext: (B, m). Returns (B,): mean over valid queries
     (0 where a sample has none).
     """
-    n = tf.shape(feats_q)[1]
     if valid is None:
         valid = tf.ones(tf.shape(feats_q)[:2], tf.bool)
     valid = tf.cast(valid, tf.bool)
-    logits = tf.einsum("bid,bjd->bij", feats_q, feats_k) / tau                  # (B, n, n); diag = positives
-    pos = tf.linalg.diag_part(logits)                                           # f_i · f_i+ / τ
-    keep = tf.logical_or(tf.eye(n, dtype=tf.bool)[None], valid[:, None, :])  # j = i or a valid negative
-    logits = tf.where(keep, logits, tf.cast(_NEG, logits.dtype))
-    if feats_ext is not None:
-        ext = tf.einsum("bid,bjd->bij", feats_q, feats_ext) / tau
-        if valid_ext is not None:
-            ext = tf.where(tf.cast(valid_ext, tf.bool)[:, None, :], ext, tf.cast(_NEG, ext.dtype))
-        logits = tf.concat([logits, ext], axis=-1)
-    per_query = tf.reduce_logsumexp(logits, axis=-1) - pos                      # −log softmax of the positive
-    w = tf.cast(valid, per_query.dtype)
-    return tf.reduce_sum(w * per_query, axis=-1) / tf.maximum(tf.reduce_sum(w, axis=-1), 1.0)
+    ext_negatives = None if valid_ext is None else tf.cast(valid_ext, tf.bool)[:, None, :]
+    per_query = paired_nce(feats_q, feats_k, valid[:, None, :], tau, feats_ext, ext_negatives)
+    return valid_mean(per_query, valid)
 
 
 # ------------------------------------------------------------------------------ heads + loss, batched
