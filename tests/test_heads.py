@@ -6,6 +6,7 @@ import tensorflow as tf
 import contrareg_tf
 from contrareg_tf import PAPER, ContraRegInputError
 from contrareg_tf.networks import heads
+from contrareg_tf.networks.batched_heads import apply_heads
 from contrareg_tf.networks.layers import L2Normalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:non-integer arguments to randrange")
@@ -93,8 +94,6 @@ def test_l2_normalize_gradient_is_finite_at_zero_and_underflowing_vectors():
     """CUT's gain-0.02 heads can output vectors whose squared norm underflows float32 (or exact zeros on
     constant background): with x / (tf.norm(x) + eps) the gradient there is inf/NaN (measured: a CR step with
     random autoencoders went NaN at the cpu-demo preset). The clamped norm keeps it finite."""
-    import tensorflow as tf
-
     x = tf.constant([[0.0, 0.0, 0.0], [1e-23, 0.0, 0.0], [3.0, 4.0, 0.0]])
     c = tf.constant([[1.0, 2.0, 3.0]] * 3)
     with tf.GradientTape() as t:
@@ -115,8 +114,6 @@ def test_l2_normalize_gradient_is_finite_at_zero_and_underflowing_vectors():
 def test_apply_heads_batched_equals_numpy_per_head():
     """PatchNCE's batched projection (one call per head, deeper Dense layers as one batched matmul over heads,
     rows of several calls to the same head concatenated) gives each call the numpy head's output."""
-    from contrareg_tf.losses.patchnce import apply_heads
-
     chans = [4, 6, 8, 6]
     h1 = heads.build_heads(chans, units=16, name="h1")
     h2 = heads.build_heads(chans, units=16, name="h2")

@@ -19,7 +19,7 @@ a. **Dual encoders with shared early layers** (review §4 a): S = the first ``sh
 
 Per direction, e.g. d12 with fixed features F = E1(I1) and moved features G = E2(I2∘φ) (d21: F = E2(I2),
 G = E1(I1∘φ⁻¹)), n = min(``num_patches``, N) distinct locations x_1..x_n are drawn uniformly per sample (the
-same for F and G, ``patchnce.sample_locations``; d12's draw first, then d21's, from the one generator).
+same for F and G, ``sampling.sample_locations``; d12's draw first, then d21's, from the one generator).
 
 b. **Cross-modal attention** (review §4 b; ``networks.accr.CrossModalAttention``): scaled dot-product cross
    attention with learned 1×1 projections and a residual, one direction per modality,
@@ -83,7 +83,7 @@ from ..config import PAPER
 from ..errors import ContraRegInputError
 from .mind import neighbourhood
 from .nce import paired_nce
-from .patchnce import sample_locations
+from .sampling import sample_locations
 
 
 # ------------------------------------------------------------------------------------------ loss pieces

@@ -41,7 +41,7 @@ pseudo-label displacements by MSE; here the registration signal is the feature s
 - **Augmentation set** (not stated in the paper): per sample x ↦ x(T(p)), T(p) = R·S·H (p − c) + c + t with
   R = expm(skew) rotation angles ± ``rot_deg`` per plane, S = 1 ± ``scale`` per axis, H = I + strict upper
   shear ± ``shear``, t = ± ``translate`` × axis length; images and features warped linearly (``ops.warp``).
-  Locations are drawn (``patchnce.sample_locations``) only where T(p) lies inside the grid (interior, no border
+  Locations are drawn (``sampling.sample_locations``) only where T(p) lies inside the grid (interior, no border
   clamping) and A(x) is foreground (background voxels have identical features and could not be told apart);
   when fewer than N qualify the rest are excluded. N is capped at the number of voxels (tiny presets).
   Random numbers come from the training ``tf.random.Generator`` (checkpointed: exact resume).
@@ -56,7 +56,7 @@ import tensorflow as tf
 from .. import ops
 from ..config import CORE, FOREGROUND_LEVEL, PAPER
 from .nce import nce_terms, valid_mean
-from .patchnce import sample_locations
+from .sampling import sample_locations
 
 
 def infonce(u, v, valid=None, tau=CORE.tau):

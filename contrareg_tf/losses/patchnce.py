@@ -22,9 +22,13 @@ subject) as extra negatives; RandAE = randomly initialised frozen autoencoders p
 Static shapes with variable foreground counts: top-k over (random score + bonus on foreground) and a
 ``valid`` flag per pick; invalid picks are neither queries nor negatives.
 
-``L_sim = ½ (d12(I1 ‖ I2∘φ) + d21(I2 ‖ I1∘φ⁻¹))`` is :func:`bidirectional_patchnce`; voxelmorph users
-pass ``PatchNCE(A1, F1, A2, F2).loss`` and ``PatchNCE(A2, F2, A1, F1).loss`` to ``compile`` and wrap the model
-with :func:`attach_heads` so that ``fit`` trains the heads too.
+``L_sim = ½ (d12(I1 ‖ I2∘φ) + d21(I2 ‖ I1∘φ⁻¹))`` is ``similarity.BidirSimilarity`` (both directions scored
+together by :func:`score_jobs`); voxelmorph users pass ``PatchNCE(A1, F1, A2, F2).loss`` and
+``PatchNCE(A2, F2, A1, F1).loss`` to ``compile`` and wrap the model with :func:`attach_heads` so that ``fit``
+trains the heads too. The locations come from ``sampling.py``, the kernel from ``nce.py``; two speed devices that
+give the same values live with the networks: the heads of all layers and both directions run batched
+(``networks/batched_heads.py``) and the last feature layer is computed at the sampled locations only
+(``networks/point_features.py``).
 """
 import numpy as np
 import tensorflow as tf
@@ -32,59 +36,14 @@ import tensorflow as tf
 from .. import ops
 from ..config import FOREGROUND_LEVEL, PAPER
 from ..errors import ContraRegInputError
+from ..networks.batched_heads import project
+from ..networks.point_features import encode, point_split
 from .nce import paired_nce, valid_mean
+from .sampling import resize_mask, sample_locations
 
 DEFAULT_MASK_THRESHOLD = FOREGROUND_LEVEL   # foreground = intensity > 5% of the [0, 1] range (not in paper)
 
 
-# ----------------------------------------------------------------------------------------------- sampling
-def _uniform(shape, seed):
-    """U[0,1) from ``seed``: None (global RNG), int / (int, int) (stateless) or a tf.random.Generator."""
-    if seed is None:
-        return tf.random.uniform(shape)
-    if isinstance(seed, tf.random.Generator):
-        return seed.uniform(shape)
-    s = [int(seed), 0] if np.ndim(seed) == 0 else [int(v) for v in seed]
-    return tf.random.stateless_uniform(shape, seed=s)
-
-
-def sample_locations(mask, num_patches=PAPER.num_patches, seed=None):
-    """Sample min(ns, N) distinct flat locations per sample, foreground first.
-
-    mask: (B, N) bool/numeric, nonzero = may be sampled (pass all-ones for CR).
-    Returns ``idx`` (B, n) int32 and ``valid`` (B, n) bool (False where the pick fell on background
-    because the sample has fewer than n foreground locations).
-    """
-    mask = tf.cast(mask, tf.bool)
-    n_loc = mask.shape[-1]
-    k = min(int(num_patches), n_loc) if n_loc is not None else tf.minimum(num_patches, tf.shape(mask)[-1])
-    scores = _uniform(tf.shape(mask), seed) + 2.0 * tf.cast(mask, tf.float32)
-    idx = tf.math.top_k(scores, k=k, sorted=False).indices
-    return idx, tf.gather(mask, idx, batch_dims=1)
-
-
-def resize_mask(mask, spatial_shape):
-    """Binary mask (B, *vol[, 1]) → (B, *spatial_shape) bool at a feature map's resolution.
-
-    Integer down-factors: max-pool (a feature location is foreground if its block touches the foreground);
-    otherwise nearest neighbour.
-    """
-    mask = tf.cast(mask, tf.float32)
-    ndim = len(spatial_shape)
-    if mask.shape.rank == ndim + 1:
-        mask = mask[..., None]
-    vol = mask.shape[1:-1].as_list()
-    if list(vol) == list(spatial_shape):
-        return mask[..., 0] > 0
-    if all(v % s == 0 for v, s in zip(vol, spatial_shape)):
-        f = [v // s for v, s in zip(vol, spatial_shape)]
-        return tf.nn.max_pool(mask, ksize=f, strides=f, padding="VALID")[..., 0] > 0
-    for d, (v, s) in enumerate(zip(vol, spatial_shape)):
-        mask = tf.gather(mask, np.floor((np.arange(s) + 0.5) * v / s).astype(np.int32), axis=d + 1)
-    return mask[..., 0] > 0
-
-
-# ------------------------------------------------------------------------------------------- core loss
 def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, valid_ext=None):
     """PatchNCE on already-projected unit vectors (the equation in the module docstring, one layer).
 
@@ -101,79 +60,10 @@ def patchnce(feats_q, feats_k, valid=None, tau=PAPER.nce_tau, feats_ext=None, va
     return valid_mean(per_query, valid)
 
 
-# ------------------------------------------------------------------------------ heads + loss, batched
-def _stackable(head):
-    """A ProjectionHead-like MLP whose Dense layers can run as one batched matmul with other heads'."""
-    layers = getattr(head, "dense_layers", None)
-    return (layers and all(isinstance(d, tf.keras.layers.Dense) and d.built for d in layers)
-            and all(d.activation in (tf.keras.activations.relu, tf.keras.activations.linear) for d in layers))
-
-
-def apply_heads(calls):
-    """Project gathered features: ``calls`` = list of (head, g (B, n, C)) → list of (B, n, D).
-
-    One call per distinct head (the rows of all its calls concatenated). Heads with ``dense_layers`` (the
-    paper's ProjectionHead: Dense–ReLU–…–Dense then x/(‖x‖+eps)) and equal row counts and widths run their
-    first Dense each, then every further depth as one batched matmul over all heads (same arithmetic per
-    row as separate calls)."""
-    order, rows = [], {}
-    for head, g in calls:
-        if id(head) not in rows:
-            order.append(head)
-            rows[id(head)] = []
-        rows[id(head)].append(g)
-    flat = {}
-    for head in order:
-        gs = rows[id(head)]
-        x = [tf.reshape(g, [-1, g.shape[-1]]) for g in gs]
-        flat[id(head)] = tf.concat(x, 0) if len(x) > 1 else x[0]
-    out = {}
-    groups = {}
-    for head in order:
-        if _stackable(head):
-            d = head.dense_layers
-            key = (len(d), tuple(int(x.units) for x in d), flat[id(head)].shape[0],
-                   getattr(head.normalize, "eps", None) if hasattr(head, "normalize") else None,
-                   tuple(x.activation.__name__ for x in d), tuple(x.use_bias for x in d))
-            if key[2] is not None:
-                groups.setdefault(key, []).append(head)
-                continue
-        out[id(head)] = head(flat[id(head)])
-    for key, heads in groups.items():
-        if len(heads) == 1:
-            out[id(heads[0])] = heads[0](flat[id(heads[0])])
-            continue
-        y = tf.stack([h.dense_layers[0](flat[id(h)]) for h in heads])                       # (H, R, U)
-        for i in range(1, key[0]):
-            dl = [h.dense_layers[i] for h in heads]
-            y = tf.matmul(y, tf.stack([tf.cast(d.kernel, y.dtype) for d in dl]))
-            if dl[0].use_bias:
-                y = y + tf.stack([tf.cast(d.bias, y.dtype) for d in dl])[:, None, :]
-            y = dl[0].activation(y)   # relu or linear, the same for every head of the group (key)
-        if key[3] is not None:
-            y = heads[0].normalize(y)
-        for h, yh in zip(heads, tf.unstack(y)):
-            out[id(h)] = yh
-    res, pos = [], {}
-    for head, g in calls:
-        p = out[id(head)]
-        sizes = [tf.shape(x)[0] * tf.shape(x)[1] for x in rows[id(head)]]
-        if len(sizes) > 1:
-            if id(head) not in pos:
-                pos[id(head)] = iter(tf.split(p, tf.stack(sizes), axis=0))
-            p = next(pos[id(head)])
-        res.append(tf.reshape(p, tf.concat([tf.shape(g)[:2], tf.shape(p)[-1:]], 0)))
-    return res
-
-
-def _self_normalising(head):
-    return isinstance(getattr(head, "normalize", None), tf.keras.layers.Layer)
-
-
 def score_jobs(jobs):
     """The loss of each job (:meth:`PatchNCE.sampled_features`), summed over layers: (B,) per job.
 
-    All heads run through :func:`apply_heads` at once and every (job, layer) with equal shapes shares one
+    All heads run through ``batched_heads.project`` at once and every (job, layer) with equal shapes shares one
     :func:`patchnce` call (the per-sample terms are independent, so stacking them on the batch axis changes
     nothing)."""
     calls, where = [], []
@@ -183,10 +73,7 @@ def score_jobs(jobs):
                 if lay[role] is not None:
                     where.append((j, k, role))
                     calls.append(lay[role])
-    proj = {}
-    for (j, k, role), (head, _), p in zip(where, calls, apply_heads(calls)):
-        # heads that end in x/(‖x‖+eps) (ProjectionHead) are not normalised a second time
-        proj[j, k, role] = ops.l2_normalize(p) if jobs[j]["normalize"] and not _self_normalising(head) else p
+    proj = dict(zip(where, project(calls, [jobs[j]["normalize"] for j, _, _ in where])))
     groups = {}
     for j, job in enumerate(jobs):
         for k, lay in enumerate(job["layers"]):
@@ -212,122 +99,6 @@ def score_jobs(jobs):
     return [sum(terms[j, k] for k in range(len(job["layers"]))) for j, job in enumerate(jobs)]
 
 
-# ------------------------------------------------------------------------------ features at sampled points
-def _conv_input(tensor):
-    """The Keras layer that produced a functional-model tensor and that layer's input tensor."""
-    hist = tensor._keras_history
-    node = hist.layer.inbound_nodes[hist.node_index]
-    return hist.layer, node.input_tensors
-
-
-def point_split(ae, nb_layers):
-    """``(trunk, point)`` so that ``ae``'s feature layer L = ``nb_layers`` is evaluated at sampled locations only,
-    or None where that does not apply (then the loss calls ``ae`` and gathers from the full maps).
-
-    Applies to a Keras functional model whose output L is a ``Conv{2,3}D`` (kernel k, any stride, 'same'
-    padding, no dilation), optionally fed by an integer nearest up-sampling (:class:`NearestUpsample` /
-    ``UpSampling{2,3}D``). ``trunk`` is a model (same layers and weights) with outputs [f1, .., f_{L-1}, a],
-    a = that conv's (pre-up-sampling) input; ``point`` a :class:`_PointConv` that computes f_L at given flat
-    locations from a. Exact: the same sum over the k^ndim·C inputs as the convolution (the order of the
-    float additions differs). f_L feeds nothing the loss uses, so nothing else needs the full map."""
-    from ..networks.layers import NearestUpsample
-
-    if not (isinstance(ae, tf.keras.Model) and getattr(ae, "_is_graph_network", False)):
-        return None
-    try:
-        conv, x = _conv_input(ae.outputs[nb_layers])
-    except (AttributeError, IndexError, TypeError):
-        return None
-    L = tf.keras.layers
-    if (not isinstance(conv, (L.Conv2D, L.Conv3D)) or isinstance(conv, (L.Conv2DTranspose, L.Conv3DTranspose))
-            or conv.padding != "same" or any(d != 1 for d in conv.dilation_rate) or conv.groups != 1
-            or conv.data_format != "channels_last" or isinstance(x, (list, tuple))):
-        return None
-    factor, prev = 1, x._keras_history.layer
-    if isinstance(prev, NearestUpsample):
-        factor = prev.factor
-    elif isinstance(prev, (L.UpSampling2D, L.UpSampling3D)):
-        size = set(prev.size)
-        if len(size) != 1 or getattr(prev, "interpolation", "nearest") != "nearest":
-            return None
-        factor = size.pop()
-    if factor != 1:
-        prev, x = _conv_input(x)
-    trunk = tf.keras.Model(ae.inputs, list(ae.outputs[1:nb_layers]) + [x], name=f"{ae.name}_trunk{nb_layers}")
-    return trunk, _PointConv(conv, factor)
-
-
-class _PointConv:
-    """A Keras Conv layer (after an optional ×``factor`` nearest up-sampling) at flat output locations:
-    ``(a (B, *S, C), idx (B, n)) -> (B, n, C_out)``: the k^ndim·C input patch of each location (zeros outside
-    the up-sampled grid, TF's 'same' padding: ⌊total/2⌋ before) gathered and multiplied by the kernel."""
-
-    def __init__(self, conv, factor=1):
-        self.conv, self.factor = conv, int(factor)
-        self.ksize, self.strides = tuple(conv.kernel_size), tuple(conv.strides)
-        self.ndim = len(self.ksize)
-        self.offsets = np.stack(np.meshgrid(*[np.arange(k) for k in self.ksize], indexing="ij"),
-                                -1).reshape(-1, self.ndim).astype(np.int32)   # row-major = kernel layout
-
-    def out_shape(self, src_shape):
-        return [None if s is None else -(-s * self.factor // st) for s, st in zip(src_shape, self.strides)]
-
-    def __call__(self, a, idx):
-        sp = a.shape[1:-1].as_list()
-        c, cout = a.shape[-1], self.conv.filters
-        up = [s * self.factor for s in sp]
-        out = self.out_shape(sp)
-        rem, coords = idx, [None] * self.ndim
-        for ax in reversed(range(self.ndim)):
-            coords[ax], rem = rem % out[ax], rem // out[ax]
-        flat, ok = 0, None
-        for ax in range(self.ndim):
-            pad_lo = max((out[ax] - 1) * self.strides[ax] + self.ksize[ax] - up[ax], 0) // 2
-            u = coords[ax][..., None] * self.strides[ax] + (self.offsets[:, ax] - pad_lo)   # (B, n, K)
-            inside = tf.logical_and(u >= 0, u < up[ax])
-            ok = inside if ok is None else tf.logical_and(ok, inside)
-            flat = flat * sp[ax] + tf.clip_by_value(u, 0, up[ax] - 1) // self.factor
-        b, n, kk = tf.shape(a)[0], tf.shape(idx)[1], len(self.offsets)
-        g = tf.gather(tf.reshape(a, [b, -1, c]), flat, batch_dims=1)                    # (B, n, K, C)
-        g = tf.reshape(g * tf.cast(ok, g.dtype)[..., None], [-1, kk * c])
-        y = tf.matmul(g, tf.cast(tf.reshape(self.conv.kernel, [kk * c, cout]), g.dtype))
-        if self.conv.use_bias:
-            y = y + tf.cast(self.conv.bias, y.dtype)
-        return tf.reshape(self.conv.activation(y), [b, n, cout])
-
-
-class _Features:
-    """One image batch's features for layers 1..L: full maps, and (``point``) the last layer only at the
-    locations asked for, computed from ``src``."""
-
-    def __init__(self, maps, point=None, src=None):
-        self.maps, self.point, self.src = maps, point, src
-
-    def _is_point(self, k):
-        return self.point is not None and k == len(self.maps)
-
-    def spatial(self, k):
-        if self._is_point(k):
-            return self.point.out_shape(self.src.shape[1:-1].as_list())
-        return self.maps[k].shape[1:-1].as_list()
-
-    def all_locations(self, k):
-        """(B, N_k) all-True: every location of layer k may be sampled."""
-        sp = self.spatial(k)
-        b = tf.shape(self.src if self._is_point(k) else self.maps[k])[0]
-        n = int(np.prod(sp)) if None not in sp else tf.reduce_prod(tf.shape(self.maps[k])[1:-1])
-        return tf.ones(tf.stack([b, n]), tf.bool)
-
-    def at(self, k, idx):
-        """Layer k's features at flat locations idx (B, n): (B, n, C_k)."""
-        if self._is_point(k):
-            return self.point(self.src, idx)
-        f = self.maps[k]
-        return tf.gather(tf.reshape(f, [tf.shape(f)[0], -1, f.shape[-1]]), idx, batch_dims=1)
-
-
-# ------------------------------------------------------------------------------------------ loss class
-
 def _check_image(x, arg, channels=(1,)):
     return tf.cast(ops.check_image(x, arg, channels=channels, finite=False), tf.float32)
 
@@ -343,7 +114,7 @@ class PatchNCE:
     seed: None → TF's global RNG (``tf.random.uniform``, follows ``tf.random.set_seed``); int → an own
     ``tf.random.Generator.from_seed(seed)``; or a shared ``tf.random.Generator`` (checkpoint it for an
     exact resume). point_last: compute the last feature layer only at the sampled locations where
-    :func:`point_split` applies (same value; False = from the full map, the plain reading).
+    ``networks.point_features.point_split`` applies (same value; False = from the full map, the plain reading).
     """
 
     def __init__(self, ae_fixed, heads_fixed, ae_moved, heads_moved, num_patches=PAPER.num_patches,
@@ -399,21 +170,7 @@ class PatchNCE:
         return out
 
     def _features(self, ae, split, x, arg):
-        """The features of ``ae(x)`` for layers 1..L as a :class:`_Features` (the last one evaluated at the
-        sampled locations only when ``split`` (a :func:`point_split`) applies)."""
-        call = ((lambda m, t: m(t, training=False)) if (self.frozen and isinstance(ae, tf.keras.layers.Layer))
-                else (lambda m, t: m(t)))
-        if split is not None and None not in x.shape[1:-1].as_list():
-            trunk, point = split
-            outs = call(trunk, x)
-            outs = outs if isinstance(outs, (list, tuple)) else [outs]
-            return _Features(list(outs[:-1]), point, outs[-1])
-        outs = call(ae, x)
-        if not isinstance(outs, (list, tuple)) or len(outs) < self.nb_layers + 1:
-            got = f"{len(outs)} outputs" if isinstance(outs, (list, tuple)) else type(outs).__name__
-            raise ContraRegInputError(f"{self.name}: the autoencoder applied to {arg} must return "
-                                      f"[recon, f1, .., f{self.nb_layers}], got {got}")
-        return _Features(list(outs[1:1 + self.nb_layers]))
+        return encode(ae, x, self.nb_layers, split, self.frozen, what=f"{self.name}: {arg}")
 
     def _layer_mask(self, mask, feats, k):
         """(B, N_k) bool: where layer k may be sampled (everywhere for CR)."""
@@ -495,43 +252,6 @@ class PatchNCE:
         return self.compute(y_true, y_pred, ext=ext)
 
 
-def bidirectional_terms(d12, d21, i1, i2_moved, i2, i1_moved, masks12=None, masks21=None, ext2=None, ext1=None):
-    """(d12(I1 ‖ I2∘φ), d21(I2 ‖ I1∘φ⁻¹)) per sample (B,) each, computed together: the same random draws as
-    ``d12(...)`` then ``d21(...)``, and all heads / PatchNCE terms of both directions batched
-    (:func:`score_jobs`). ext2 (modality 2) are ExtNegs for d12, ext1 (modality 1) for d21."""
-    if not (isinstance(d12, PatchNCE) and isinstance(d21, PatchNCE)):
-        return (d12(i1, i2_moved, masks=masks12, ext=ext2), d21(i2, i1_moved, masks=masks21, ext=ext1))
-    jobs = [d12.sampled_features(i1, i2_moved, masks12, ext2), d21.sampled_features(i2, i1_moved, masks21, ext1)]
-    t12, t21 = score_jobs(jobs)
-    return t12, t21
-
-
-def bidirectional_patchnce(d12, d21, i1, i2_moved, i2, i1_moved, masks12=None, masks21=None,
-                           ext2=None, ext1=None):
-    """L_sim = ½ (d12(I1 ‖ I2∘φ) + d21(I2 ‖ I1∘φ⁻¹)) per sample (B,) (paper §2).
-    ext2 (modality 2) are ExtNegs for d12, ext1 (modality 1) for d21."""
-    t12, t21 = bidirectional_terms(d12, d21, i1, i2_moved, i2, i1_moved, masks12, masks21, ext2, ext1)
-    return 0.5 * (t12 + t21)
-
-
-class BidirectionalPatchNCE:
-    """Holds d12 = PatchNCE(A1, F1, A2, F2) and d21 = PatchNCE(A2, F2, A1, F1) (same kwargs; a given
-    int ``seed`` seeds d12 with seed and d21 with seed + 1); calling it gives L_sim per sample (B,)."""
-
-    def __init__(self, ae1, heads1, ae2, heads2, seed=None, **kwargs):
-        self.d12 = PatchNCE(ae1, heads1, ae2, heads2, seed=seed, name="d12", **kwargs)
-        seed21 = seed + 1 if isinstance(seed, (int, np.integer)) else seed
-        self.d21 = PatchNCE(ae2, heads2, ae1, heads1, seed=seed21, name="d21", **kwargs)
-
-    @property
-    def trainable_variables(self):
-        return self.d12.trainable_variables  # d21 uses the same heads
-
-    def __call__(self, i1, i2_moved, i2, i1_moved, masks12=None, masks21=None, ext2=None, ext1=None):
-        return bidirectional_patchnce(self.d12, self.d21, i1, i2_moved, i2, i1_moved, masks12, masks21,
-                                      ext2, ext1)
-
-
 # ------------------------------------------------------------------------------- voxelmorph drop-in
 class HeadsTrainer(tf.keras.Model):
     """Wraps a (voxelmorph) model so that Keras ``compile``/``fit`` also trains the PatchNCE heads.
@@ -549,11 +269,12 @@ class HeadsTrainer(tf.keras.Model):
 
 
 def attach_heads(model, *losses, name=None):
-    """Return a :class:`HeadsTrainer` around ``model`` tracking the heads of the given PatchNCE /
-    BidirectionalPatchNCE objects (deduplicated): compile and fit it instead of ``model``."""
+    """Return a :class:`HeadsTrainer` around ``model`` tracking the heads of the given loss objects (anything
+    with ``heads``: :class:`PatchNCE`, ``similarity.BidirSimilarity``; deduplicated): compile and fit it instead
+    of ``model``."""
     heads, seen = [], set()
     for lo in losses:
-        for h in (lo.d12.heads if isinstance(lo, BidirectionalPatchNCE) else lo.heads):
+        for h in lo.heads:
             if not isinstance(h, tf.Module):
                 raise ContraRegInputError(f"attach_heads: head {h!r} is not a Keras layer / tf.Module, its "
                                           f"weights cannot be trained by fit()")

@@ -13,6 +13,7 @@ import dataclasses
 
 from ..config import PAPER
 from ..errors import ContraRegInputError
+from .patchnce import score_jobs
 
 # the --loss names: Table 1's set A (mcr, cr, mi, lmi, mind, ngf), set C (+mi, +extnegs), DNS, and the two
 # jointly trained representations: CoRe (Kats et al.) and ACCR (the review's proposal; accr-noattn = its ablation
@@ -199,12 +200,13 @@ class BidirSimilarity:
         return loss.loss(fixed, moved)
 
     def _contrastive(self, i1, moved2, i2, moved1, masks12, masks21, e2, e1):
-        """(d12, d21) of CR / mCR, both directions at once (heads and PatchNCE terms batched)."""
-        from .patchnce import bidirectional_terms
-
+        """(d12, d21) of CR / mCR, both directions at once (heads and PatchNCE terms batched): the same random
+        draws as d12's call then d21's. e2 (modality 2) are ExtNegs for d12, e1 (modality 1) for d21."""
         on = self.spec.ext_negs
-        return bidirectional_terms(self.d12, self.d21, i1, moved2, i2, moved1, masks12, masks21,
-                                   e2 if on else None, e1 if on else None)
+        jobs = [self.d12.sampled_features(i1, moved2, masks12, e2 if on else None),
+                self.d21.sampled_features(i2, moved1, masks21, e1 if on else None)]
+        d12, d21 = score_jobs(jobs)
+        return d12, d21
 
     def __call__(self, i1, i2, moved2, moved1, masks=None, ext=None):
         m = masks or (None, None, None, None)
