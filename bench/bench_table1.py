@@ -20,13 +20,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from contrareg_tf import evaluation, experiment  # noqa: E402
+from contrareg_tf.config import FOLD_BUDGET, get_preset  # noqa: E402
+from contrareg_tf.data import proxy_stats  # noqa: E402
+
 
 def _ordering(rows):
     """The paper's qualitative claims (Table 1 / Fig. 3) checked on this run's Table 1 rows; a claim whose rows
     were not run is left out, and a method without an admissible λ has NaN entries (every comparison False).
     Rows are named as ``reproduce_table1`` names them: "A mCR" with ``--rows``, "mcr" with ``--methods``."""
-    from contrareg_tf.config import FOLD_BUDGET
-
     d = {r["method"]: r for r in rows}
     plain = {"A mCR": "mcr", "A CR": "cr", "A MI": "mi", "A LocalMI": "lmi", "A MIND": "mind", "A NGF": "ngf"}
 
@@ -76,11 +78,6 @@ def main():
     p.add_argument("--workers", type=int, help="methods trained at once (default: reproduce_table1's)")
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     a = p.parse_args()
-
-    from contrareg_tf import evaluation, experiment
-    from contrareg_tf.config import TABLE1_A, get_preset
-    from contrareg_tf.data import proxy
-
     cfg = get_preset(a.preset)
     out = a.out or os.path.join("runs", f"bench_{a.preset}")
     t0 = time.time()
@@ -90,7 +87,7 @@ def main():
     total = time.time() - t0
     rows = evaluation.read_csv(os.path.join(out, "table1.csv"))
     desc = experiment.resolve_data(cfg)
-    ceiling = proxy.dice_ceiling(desc, split="test", n_pairs=None)["mean"]
+    ceiling = proxy_stats.dice_ceiling(desc, split="test", n_pairs=None)["mean"]
     secs = {}
     table_rows, _ = experiment.select_rows(rows_arg)
     for r in table_rows:

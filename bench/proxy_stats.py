@@ -12,6 +12,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from contrareg_tf.data import proxy, proxy_stats  # noqa: E402
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,8 +23,6 @@ def main():
     p.add_argument("--max-disp", type=float, default=4.0, help="voxels")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    from contrareg_tf.data import proxy
-
     print("| grid | subjects | max_disp vox | build s | Dice before | CSF / GM / WM | Dice ceiling | "
           "T2w CSF>GM>WM | T1w WM>GM>CSF |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -34,9 +34,9 @@ def main():
             desc = proxy.build_proxy(os.path.join(tmp, g.replace(":", "_")), n_subjects=a.subjects, shape=shape,
                                      spacing=sp, seed=a.seed, max_disp=a.max_disp)
             dt = time.time() - t
-            before = proxy.dice_before(desc, n_pairs=a.pairs, seed=a.seed)
-            ceil = proxy.dice_ceiling(desc, n_pairs=a.pairs, seed=a.seed)
-            st = proxy.describe_proxy(desc)
+            before = proxy_stats.dice_before(desc, n_pairs=a.pairs, seed=a.seed)
+            ceil = proxy_stats.dice_ceiling(desc, n_pairs=a.pairs, seed=a.seed)
+            st = proxy_stats.describe_proxy(desc)
             t2 = list(st["modalities"]["t2"]["class_mean"].values())   # CSF, GM, WM
             t1 = list(st["modalities"]["t1"]["class_mean"].values())
             per = " / ".join(f"{v:.2f}" for v in before["per_label"].values())

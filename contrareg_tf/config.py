@@ -8,6 +8,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
+from .errors import ContraRegInputError
+
 # 17 test-time λ values: dense in [0, 0.2), sparse in [0.2, 1.0] (paper §2 "Hypernetwork optimization").
 # The paper does not list them; these are ours: 0.0–0.175 step 0.025 (8 values, all Table 1 optima of the
 # ch=64 rows lie on this grid) + 0.2–1.0 step 0.1 (9 values).
@@ -25,6 +27,10 @@ FOREGROUND_LEVEL = 0.05
 MASK_LEVEL, MASK_PERCENTILE = 0.1, 99.5
 # intensity normalisation of every loaded image to [0, 1] (data.io.normalize_intensity): robust percentiles, clipped
 INTENSITY_PERCENTILES = (0.5, 99.5)
+# a loaded autoencoder must reconstruct the data it is used on with at least this Pearson correlation in the
+# paper layout (networks.autoencoder.check_layout): paper-layout AEs give >= 0.98, the same weight shapes trained
+# with pooling / up-sampling after the conv 0.70-0.75, random weights <= 0.25 (bench/results/ae_layout_probe.md)
+AE_LAYOUT_MIN_CORR = 0.9
 
 
 @dataclass(frozen=True)
@@ -83,13 +89,8 @@ PRESETS = {
     "paper": PAPER,
     # ch=256 runs of Table 1 B (ts=32 default there)
     "paper-ch256": dataclasses.replace(PAPER, name="paper-ch256", ch=256, int_steps=32),
-    # 2-D CPU demo (the README's main job, 12 min on 2 idle cores): an axial slice band of the built-in data at
-    # 2.5 mm, 64×80 in-plane; U-Net width 16 with 4 levels, autoencoders at half the paper's widths, batch 2,
-    # lr 1e-3, 1400 iterations. Tuned on the earlier mni2009a-synth data (MI at width 32 / 5 levels / batch 4 /
-    # 600 its 0.657 vs width 16 / 4 levels / batch 2 / 1200 its 0.672; lr 5e-4 / 1e-3 / 2e-3 / 4e-3 → MI 0.625 /
-    # 0.646 / 0.615 / 0.597). On the icbm2009c data (CerebrA Dice over structures, 6 test pairs, before 0.417,
-    # true-warp ceiling 0.727): MI 700 its 0.450, 1400 its 0.484, lr 2e-3 at 700 its 0.441; CR 700 its 0.444,
-    # 1400 its 0.452 (6000-it AEs) / 0.455 (15000-it AEs); mCR 1400 its 0.489 (15000-it AEs).
+    # 2-D CPU demo (the README's main job): an axial slice band of the built-in data at 2.5 mm, 64×80 in-plane;
+    # U-Net width 16 with 4 levels, autoencoders at half the paper's widths (how: bench/results/config_notes.md)
     "cpu-demo": dataclasses.replace(
         PAPER, name="cpu-demo", inshape=(64, 80), spacing=2.5, ch=16, nb_levels=4, num_patches=128,
         ae_filters=(16, 32, 64, 32, 16, 16, 16, 1), ae_crop=(64, 80), lr=1e-3, iters=1400, batch_size=2,
@@ -110,8 +111,8 @@ PRESETS = {
 }
 
 
-# the longer CPU benchmark of Table 1 (bench/results/; ~40 min on 2 cores, not in CI): the cpu-demo network
-# and optimiser, 48 built-in subjects (6 test subjects = 30 test pairs instead of 6) and 3000 iterations
+# the longer CPU benchmark of Table 1 (not in CI): the cpu-demo network and optimiser, 48 built-in subjects
+# (6 test subjects = 30 test pairs instead of 6) and 3000 iterations
 PRESETS["cpu-bench"] = dataclasses.replace(PRESETS["cpu-demo"], name="cpu-bench", iters=3000, ckpt_every=500,
                                            proxy_subjects=48)
 
@@ -150,6 +151,14 @@ class IOConfig:
     convex_coeffs: Tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
     convex_ic_iters: int = 15
     convex_cost_smooth: int = 2
+    int_steps: int = 7                            # scaling-and-squaring steps of the displacement (not in the paper)
+    diffeomorphic: bool = False                   # optimise a stationary velocity field (integrated, int_steps)
+    # keep the deformable stage: "on" (the paper), "off", or "auto" = only when it lowers its own data term by more
+    # than the fraction deformable_min_gain of its value after the pre-alignment (instance_opt/decision.py). 0.4:
+    # MIND-SSC at 3 mm, aligned T1w/T2w of one subject 0.11-0.24 (fitting contrast / bias differences), warped
+    # pairs 0.62-0.71 (bench/results/io_intrasubject_*.md)
+    deformable: str = "auto"
+    deformable_min_gain: float = 0.4
 
     def schedule(self) -> dict:
         """The ``instance_opt.instance_optimise`` keyword arguments of this preset."""
@@ -166,25 +175,82 @@ class IOConfig:
 IO_PAPER = IOConfig()
 IO_PRESETS = {"paper": IO_PAPER}
 # "fast" (not in the paper): Table 4's pyramid cut to 2 levels (1/2, 1), the displacement on a control grid of
-# half the level's size (grid_step 2, convexAdam's grid_sp_adam), each step's similarity on a random-phase
-# stride-2 sub-grid (1/8 of the voxels), no ψ_σ, larger lrs. Measured on the 128³ @ 1.5 mm ICBM 2009c pair
-# (T1w → T2w, 2 shared cores; bench/results/io_2026-12-07.md, one run): Dice 0.823 vs the paper schedule's
-# 0.811 and ANTs SyNOnly-MI's 0.686, 0 % folds, 39 s = 1.06x ANTs' time (paper schedule 11.5x); a second run
-# at lower load 1.21x. NOT the <= 0.5x ANTs hoped for: full-size MIND-SSC and the 40 full-size steps dominate.
-# Tried and dropped (same pair): reg 0.1 (Dice 0.800), ψ_σ σ = 1 (same Dice, +8 s), stride 4 at full size
-# (0.80), descriptors per level on resampled images (0.72), 3 levels from 1/4 (0.80).
+# half the level's size, each step's similarity on a random-phase stride-2 sub-grid, no ψ_σ, larger lrs
+# (measurements: bench/results/config_notes.md)
 IO_PRESETS["fast"] = IOConfig(name="fast", levels=2, lrs=(4e-2, 2e-2), iters=(100, 40), reg_weights=(0.6, 0.5),
                               smooth_sigma=0.0, min_scale=0.5, max_scale=1.0, grid_step=2.0, sample_stride=2)
 # "convex" (not in the paper): convexAdam's order — a coupled-convex discrete start on 4-voxel cells (labels ±2
-# cells = ±8 voxels, forward only, no inverse-consistency pass), then 40 Adam steps at half resolution (control
-# grid step 2, stride-2 sampling), the displacement upsampled to full size. Tuned on the 128³ @ 1.5 mm ICBM
-# 2009c pair, 2 idle cores, variants in one process (Dice / s after the first call): this 0.806 / ~4.5 s; ±3
-# cells 0.804; + 15 inverse-consistency iterations +1–2.5 s for +0.005; full-size Adam 20 steps 0.814 / ~6 s.
-# bench_io, each method in its own process, 3 pairs (bench/results/io_2026-12-07e.md): 0.808 in 4.3 s / pair =
-# 0.29x ANTs SyNOnly-MI (0.729 in 14.9 s); the first pair 5.8 s (trace + XLA compile), then 3.0 and 4.0 s.
+# cells, forward only), then 40 Adam steps at half resolution, the displacement upsampled to full size
+# (measurements: bench/results/config_notes.md)
 IO_PRESETS["convex"] = IOConfig(name="convex", levels=1, lrs=(4e-2,), iters=(40,), reg_weights=(0.6,),
                                 smooth_sigma=0.0, min_scale=0.5, max_scale=0.5, grid_step=2.0, sample_stride=2,
                                 convex_init=True, convex_grid=4, convex_hw=2, convex_ic_iters=0)
+
+
+# anti-aliasing before a linear down-sizing by a factor f (instance optimisation's levels and descriptor
+# resizes): a Gaussian of σ = AA_SIGMA · (f − 1) voxels of the finer grid (not in the paper)
+AA_SIGMA = 0.5
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The built-in data (``data/proxy.py``; none of it is in the paper): the grid of a direct ``build_proxy``
+    call (``shape`` at ``spacing`` mm; the presets pass their own), the per-subject deformation (an SVF with
+    one control point per ``svf_spacing_mm``, integrated by scaling and squaring), the 2-D mode's axial slice
+    (z ~ U[``slice_z_mm`` ± ``slice_band_mm``] MNI mm), the ``icbm2009c`` contrast augmentation (gamma =
+    exp(U[±``gamma_log``]), Gaussian blur σ ~ U[``blur``] voxels, multiplicative bias exp(B-spline of
+    N(0, ``bias_std``) on ``bias_ctrl`` control points per axis), Rician noise σ ~ U[``noise``]), and the
+    ``mni2009a-synth`` T2w class intensities (disjoint ranges, so CSF > GM > WM always)."""
+    shape: Tuple[int, ...] = (64, 64, 64)
+    spacing: float = 3.0
+    svf_spacing_mm: float = 32.0
+    slice_z_mm: float = 12.0
+    slice_band_mm: float = 4.0
+    gamma_log: float = 0.25
+    blur: Tuple[float, float] = (0.3, 0.7)
+    bias_std: float = 0.15
+    bias_ctrl: int = 4
+    noise: Tuple[float, float] = (0.01, 0.03)
+    t2_csf: Tuple[float, float] = (0.8, 1.0)
+    t2_gm: Tuple[float, float] = (0.45, 0.62)
+    t2_wm: Tuple[float, float] = (0.2, 0.35)
+
+
+PROXY = ProxyConfig()
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Autoencoder pretraining augmentation (paper §2 names crops, flips, brightness / contrast / saturation;
+    the ranges are ours): brightness x + U[±``brightness``], contrast (x − mean)·U[``contrast``] + mean,
+    "saturation" as a gamma curve x^γ with log γ ~ U[log ``gamma``], flips with probability ``flip_prob``."""
+    brightness: float = 0.1
+    contrast: Tuple[float, float] = (0.8, 1.2)
+    gamma: Tuple[float, float] = (0.7, 1.5)
+    flip_prob: float = 0.5
+
+
+AUGMENT = AugmentConfig()
+
+# the paper's dHCP split (train/val/test subjects, §3): a data set without a split column gets these ratios
+PAPER_SPLIT = (405, 23, 64)
+# 2-D training on 3-D volumes: axial slices whose foreground area is at least this fraction of the largest
+SLICE_BAND_FRAC = 0.5
+# a user's data brought onto the model grid (data/grid.py): a ContraRegWarning when more than this fraction of
+# a subject's foreground falls outside the grid
+GRID_OUTSIDE_WARN = 0.01
+# an evaluation whose data's voxel size differs from the run's training voxel size by more than this factor
+# is warned about (the network's receptive field is in voxels)
+SPACING_MISMATCH_WARN = 1.5
+# register / instance-opt without an affine pre-alignment: warn when the two foregrounds' centres of mass lie
+# further apart than ALIGN_TOL_COM × the fixed foreground's mean bounding-box extent, or an extent differs by
+# more than ALIGN_TOL_EXTENT × it. Inter-subject pairs of the built-in data stay below 0.046 / 0.175 (cpu-bench's
+# 2256 pairs, 2-D slices from different heights); a shift by 10 % of the brain gives a distance of 0.093
+ALIGN_TOL_COM, ALIGN_TOL_EXTENT = 0.06, 0.25
+# Dice summaries of the built-in data (data/proxy_stats.py, ``python -m contrareg_tf.data build``): pairs
+# drawn when not all are asked for, subjects shown in the montage
+PROXY_STATS_PAIRS = 8
+MONTAGE_SUBJECTS = 4
 
 
 @dataclass(frozen=True)
@@ -204,6 +270,8 @@ class DNSConfig:
     invert_prob: float = 0.5
     bezier_points: int = 3
     smooth_sigma: float = IO_PAPER.smooth_sigma
+    # weights used on images more than this factor finer / coarser than the spacing on their card: a warning
+    spacing_factor: float = 1.5
 
 
 DNS_PAPER = DNSConfig()
@@ -321,17 +389,17 @@ TABLE1_ROWS = (
 TABLE1_SETS = ("A", "B", "C", "D", "extra")
 
 # the width-256 companion of each preset (sets B and D; ts = 32 as in the paper's B rows, which equal D3): the
-# paper's is paper-ch256 (4 × 64); a CPU preset's is its U-Net × WIDE_FACTOR = 2, not the paper's 4: a cpu-demo
-# step at ×4 (ch 64) measured 0.415 s for MI vs 0.069 s at ch 16 (bench_steps.py, one run), which puts the
-# seven wide runs of sets B and D alone past an hour on 2 cores
+# paper's is paper-ch256 (4 × 64); a CPU preset's is its U-Net × WIDE_FACTOR = 2, not the paper's 4 (the CPU
+# time: bench/results/config_notes.md)
 WIDE_FACTOR = 2
 WIDE_INT_STEPS = 32
 
 
 def wide_preset(cfg: "Config") -> "Config":
-    """The set-B/D companion of ``cfg``: ``paper-ch256`` for the paper, else ch × WIDE_FACTOR, ts 32."""
+    """The set-B/D companion of ``cfg``: ``paper-ch256`` for the paper (on ``cfg``'s grid), else ch ×
+    WIDE_FACTOR, ts 32."""
     if cfg.name == "paper":
-        return PRESETS["paper-ch256"]
+        return dataclasses.replace(PRESETS["paper-ch256"], inshape=cfg.inshape)
     if cfg.name.endswith("-wide") or cfg.name == "paper-ch256":
         return cfg
     return dataclasses.replace(cfg, name=f"{cfg.name}-wide", ch=cfg.ch * WIDE_FACTOR, int_steps=WIDE_INT_STEPS)
@@ -395,8 +463,6 @@ ACCR = ACCRConfig()
 
 def get_preset(name: str) -> Config:
     """Return the named preset; raises ``ContraRegInputError`` (a ``ValueError``) listing the valid names."""
-    from .errors import ContraRegInputError
-
     try:
         return PRESETS[name]
     except KeyError:

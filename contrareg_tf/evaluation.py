@@ -11,12 +11,16 @@ inverse warp φ⁻¹ (a's labels onto b). Table 1 reports each method at the λ 
 """
 import csv
 import math
+import os
 
 import numpy as np
 
+from . import metrics
 from .atomic import atomic_path
-from .config import FOLD_BUDGET, LAMBDAS_17  # noqa: F401  (FOLD_BUDGET: % of all voxels, paper Table 1)
+from .config import FOLD_BUDGET, LAMBDAS_17, VAL_CURVE_LAMBDA  # FOLD_BUDGET: % of all voxels, paper Table 1
 from .errors import ContraRegInputError
+from .networks.hyper import register
+from .ops import warp_array
 
 
 CSV_FIELDS = ("lambda", "dice", "dice_std", "dice30", "folds", "folds_std", "sdlogj", "dice_inv", "dice30_inv",
@@ -29,10 +33,7 @@ def _batch_metrics(fixed_labs, moving_labs, flows, label_ids):
     structures, ``metrics.pair_structures``), % folds and std log|J| for stacks of label maps (B, *vol) and
     displacements (B, *vol, ndim): one batched nearest-neighbour warp, then numpy metrics.
     Returns (dice (B, L), other (B, 2))."""
-    from . import metrics
-    from .ops import warp_array as warp
-
-    moved = np.asarray(warp(np.asarray(moving_labs, np.int32)[..., None], flows, interp="nearest"))[..., 0]
+    moved = np.asarray(warp_array(np.asarray(moving_labs, np.int32)[..., None], flows, interp="nearest"))[..., 0]
     ids = np.asarray(label_ids, np.int64)
     dice, other = np.full((len(flows), len(ids)), np.nan), np.zeros((len(flows), 2))
     for i, (fixed, mov, mv, flow) in enumerate(zip(fixed_labs, moving_labs, moved, flows)):
@@ -81,10 +82,7 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     ``pair_dice_before`` (computed if None; pass it when evaluating several models on the same pairs).
     ``label_names`` / ``label_groups``: {label: name} / {label: coarse group} for the per-structure columns.
     ``per_pair``: also return ``{"dice", "folds", "sdlogj"}`` arrays (λ, P) of every pair (paired statistics)."""
-    from tqdm.auto import tqdm
-
-    from .metrics import dice30
-    from .networks.hyper import register
+    from tqdm.auto import tqdm  # lazy: progress bars only
 
     for k in ("img1", "img2", "labels1", "labels2"):
         if k not in pairs:
@@ -113,9 +111,9 @@ def evaluate_lambdas(model, pairs, lambdas=LAMBDAS_17, batch_size=4, progress=Tr
     rows = []
     for i, lam in enumerate(lambdas):
         f, b = fw[i], bw[i]
-        rows.append({"lambda": float(lam), "dice": f.mean(), "dice_std": f.std(), "dice30": dice30(f),
+        rows.append({"lambda": float(lam), "dice": f.mean(), "dice_std": f.std(), "dice30": metrics.dice30(f),
                      "folds": fo[i, :, 0].mean(), "folds_std": fo[i, :, 0].std(), "sdlogj": fo[i, :, 1].mean(),
-                     "dice_inv": b.mean(), "dice30_inv": dice30(b), "folds_inv": bo[i, :, 0].mean(),
+                     "dice_inv": b.mean(), "dice30_inv": metrics.dice30(b), "folds_inv": bo[i, :, 0].mean(),
                      "sdlogj_inv": bo[i, :, 1].mean(), "gain": (f - before).mean(),
                      "gain_std": (f - before).std(), "improved": float(np.mean(f > before)), "n_pairs": p,
                      **{k: float(v[i]) for k, v in extra.items()}})
@@ -142,27 +140,18 @@ def lambda_use(model, step=0.005):
 def pair_dice_before(pairs):
     """Per-pair Dice (mean over the pair's structures, ``metrics.pair_structures``) of the unregistered
     label maps."""
-    from . import metrics
-
     return [metrics.mean_dice(a, b, metrics.pair_structures(a, b)) for a, b in zip(pairs["labels1"],
                                                                                     pairs["labels2"])]
 
 
 def group_dice_before(pairs, label_groups):
     """{group: Dice before registration}: per pair the mean over the group's structures, then over pairs."""
-    from . import metrics
-
     ids = sorted(label_groups)
     d = np.full((len(pairs["labels1"]), len(ids)), np.nan)
     for i, (a, b) in enumerate(zip(pairs["labels1"], pairs["labels2"])):
         d[i] = metrics.structure_dice(a, b, b, ids)
     cols = structure_columns(d[None], ids, None, label_groups)
     return {k[5:]: float(v[0]) for k, v in cols.items() if k.startswith("dice_")}
-
-
-def dice_before(pairs):
-    """Mean Dice of the unregistered pairs (the floor every method must rise above)."""
-    return float(np.mean(pair_dice_before(pairs)))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -239,8 +228,6 @@ def table1(results, budget=FOLD_BUDGET, before=None, paper=None, sets=None):
 def read_val_curve(run_dir, name="val_curve.csv"):
     """(steps, Dice) of a run's ``val_curve.csv`` (Fig. 3 col. 4; ``name="monitor_curve.csv"``: the plateau
     rule's monitor), or None when the run has none."""
-    import os
-
     path = os.path.join(run_dir, name)
     if not os.path.isfile(path):
         return None
@@ -251,17 +238,28 @@ def read_val_curve(run_dir, name="val_curve.csv"):
 # ------------------------------------------------------------------------------------------------------------
 # figures
 # ------------------------------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib  # lazy: plotting only, and its backend must be chosen before pyplot loads
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # lazy: as above
+    return plt
+
+
+def line_colours(n):
+    """``n`` distinct colours: tab10 up to 10 lines, tab20 up to 20, then tab20 + tab20b (40)."""
+    plt = _pyplot()
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    pool = [plt.get_cmap("tab20")(i) for i in range(20)] + [plt.get_cmap("tab20b")(i) for i in range(20)]
+    return [pool[i % len(pool)] for i in range(n)]
+
+
 def plot_fig3(results, path, before=None, budget=FOLD_BUDGET, curves=None, groups=None):
     """Fig. 3: Dice, % folds and std log|J| against λ (cols. 1–3), one line per method, and validation Dice
     against training step (col. 4, from ``curves`` = {method: (steps, Dice)}; drawn when any is given).
     ``groups``: {row title: [methods]}, one figure row each (the paper's rows: losses, extensions, baselines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .config import VAL_CURVE_LAMBDA
-
+    plt = _pyplot()
     curves = {k: v for k, v in (curves or {}).items() if v}
     groups = groups or {"": list(results)}
     ncol = 4 if curves else 3
@@ -291,29 +289,44 @@ def plot_fig3(results, path, before=None, budget=FOLD_BUDGET, curves=None, group
     plt.close(fig)
 
 
-def plot_groups(results, path, before_groups=None):
-    """Dice of each coarse structure group (``dice_<group>`` columns) against λ, one panel per group, one line
-    per method; ``before_groups``: {group: Dice before registration} drawn as a dotted line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_groups(results, path, before_groups=None, groups=None):
+    """Dice of each coarse structure group (``dice_<group>`` columns) against λ: one panel per group in a
+    2-column grid, one line per method in its own colour (:func:`line_colours`), one legend beside the panels;
+    ``before_groups``: {group: Dice before registration} drawn as a dotted line. ``groups``: the panels in
+    order (default: the groups with a column); a group without a column (no structure of it in the test
+    images, e.g. 2-D slices above the cerebellum) gets a panel saying so."""
+    plt = _pyplot()
     first = next(iter(results.values()))
-    groups = [k[5:] for k in first[0] if k.startswith("dice_") and k[5:] not in ("std", "inv")]
+    have = [k[5:] for k in first[0] if k.startswith("dice_") and k[5:] not in ("std", "inv")]
+    groups = list(groups) if groups else have
     if not groups:
         return None
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.6), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        for method, rows in results.items():
-            ax.plot([r["lambda"] for r in rows], [r[f"dice_{g}"] for r in rows], marker="o", ms=3, label=method)
-        if before_groups and g in before_groups:
-            ax.axhline(before_groups[g], color="gray", ls=":", label="before")
-        ax.set_title(f"Dice: {g.replace('_', ' + ')}")
+    ncol = min(2, len(groups))
+    nrow = -(-len(groups) // ncol)
+    colours = line_colours(len(results))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 2.8, 3.6 * nrow), squeeze=False)
+    for ax, g in zip(axes.ravel(), groups):
+        ax.set_title(f"Dice: {g.replace('_', ' + ')}", fontsize=10)
         ax.set_xlabel("λ")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+        if g not in have:
+            ax.text(0.5, 0.5, "no structure of this group\nin the test images", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="gray")
+            continue
+        for c, (method, rows) in zip(colours, results.items()):
+            ax.plot([r["lambda"] for r in rows], [r[f"dice_{g}"] for r in rows], marker="o", ms=3, color=c,
+                    label=method)
+        if before_groups and g in before_groups:
+            ax.axhline(before_groups[g], color="gray", ls=":", label="before")
+    for ax in axes.ravel()[len(groups):]:
+        ax.axis("off")
+    handles = {}
+    for ax in axes.ravel():
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / fig.get_figwidth(), 1))
+    fig.legend(list(handles.values()), list(handles), loc="center left", fontsize=7, frameon=False,
+               bbox_to_anchor=(1 - 2.6 / fig.get_figwidth(), 0.5))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -324,22 +337,23 @@ def _mid_slice(x):
 
 
 def plot_examples(examples, path):
-    """Fig. 2-style panel: for each method, fixed (T1w), moving (T2w), moved, |moved − fixed-subject T2w|
-    error map. ``examples``: {method: dict(fixed, moving, moved, target_t2)} (2-D or 3-D arrays)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Fig. 2-style panel: for each method, the fixed T1w (subject a), the moving T2w (subject b), the moved
+    image and |moved − subject a's T2w| (the fixed subject's own T2w: what a perfect registration would give),
+    with a colour bar. ``examples``: {method: dict(fixed, moving, moved, target_t2)} (2-D or 3-D arrays)."""
+    plt = _pyplot()
     n = len(examples)
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 4, figsize=(11, 2.6 * n), squeeze=False)
     for i, (method, ex) in enumerate(examples.items()):
-        panels = [("fixed T1w", ex["fixed"]), ("moving T2w", ex["moving"]), ("moved", ex["moved"])]
+        panels = [("fixed: T1w of subject a", ex["fixed"]), ("moving: T2w of subject b", ex["moving"]),
+                  ("moved (b's T2w on a)", ex["moved"])]
         if ex.get("target_t2") is not None:
-            panels.append(("|moved − target T2w|", np.abs(ex["moved"] - ex["target_t2"])))
+            panels.append(("|moved − T2w of subject a|", np.abs(ex["moved"] - ex["target_t2"])))
         for j, (title, img) in enumerate(panels):
-            axes[i, j].imshow(np.rot90(_mid_slice(img)), cmap="gray" if j < 3 else "magma")
-            axes[i, j].set_title(f"{method}: {title}" if j == 0 else title, fontsize=8)
+            im = axes[i, j].imshow(np.rot90(_mid_slice(img)), cmap="gray" if j < 3 else "magma",
+                                   vmin=0, vmax=1 if j < 3 else None)
+            axes[i, j].set_title(f"{method}\n{title}" if j == 0 else title, fontsize=8)
+            if j == 3:
+                fig.colorbar(im, ax=axes[i, j], fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()

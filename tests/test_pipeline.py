@@ -76,7 +76,7 @@ def test_parallel_training_workers_match_in_process_training(tiny_run, tmp_path)
     from contrareg_tf import ContraRegInputError, experiment
 
     cfg = get_preset("tiny2d")
-    jobs = [(cfg, m, str(tmp_path / f"w_{m}"), dict(iters=2)) for m in ("ngf", "mi")]
+    jobs = [experiment.Table1Job(cfg, m, str(tmp_path / f"w_{m}"), dict(iters=2)) for m in ("ngf", "mi")]
     experiment._train_runs(jobs, None, progress=False, workers=2)
     experiment.train_method(cfg, "mi", str(tmp_path / "inproc_mi"), iters=2, progress=False)
 
@@ -92,9 +92,9 @@ def test_parallel_training_workers_match_in_process_training(tiny_run, tmp_path)
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=name)
     assert os.path.isfile(tmp_path / "w_ngf" / "model.h5")
     # the second job into a new folder: w_ngf holds a finished run, which a new training refuses (runs.prepare_run_dir)
-    bad = [(cfg, "mcr", str(tmp_path / "bad"), dict(iters=2, ae1=str(tmp_path / "missing.h5"),
-                                                    ae2=str(tmp_path / "missing.h5"))),
-           (cfg, "ngf", str(tmp_path / "w_ngf_again"), dict(iters=2))]
+    bad = [experiment.Table1Job(cfg, "mcr", str(tmp_path / "bad"), dict(iters=2, ae1=str(tmp_path / "missing.h5"),
+                                                                        ae2=str(tmp_path / "missing.h5"))),
+           experiment.Table1Job(cfg, "ngf", str(tmp_path / "w_ngf_again"), dict(iters=2))]
     with pytest.raises(ContraRegInputError, match="missing.h5"):
         experiment._train_runs(bad, None, progress=False, workers=2)
 
@@ -337,3 +337,42 @@ def test_val_curve_callback_appends_and_replaces_redone_steps(tmp_path):
         cb(step)
     cb(20)          # a resumed run from step 10 re-does step 20: rows from step 20 on are replaced
     assert evaluation.read_val_curve(str(tmp_path)) == ([10, 20], [0.1, 0.25])
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)     # keep each figure to inspect it
+    return figs
+
+
+def test_fig3_groups_four_panels_legend_outside_distinct_colours(tmp_path, kept_figures):
+    def rows(k):
+        return [{"lambda": lam, "dice_cortex": 0.5 + 0.01 * k, "dice_subcortical": 0.4, "dice_ventricles": 0.3}
+                for lam in (0.0, 0.5)]
+
+    results = {f"m{k}": rows(k) for k in range(22)}
+    groups = ["cortex", "subcortical", "ventricles", "cerebellum_brainstem"]
+    evaluation.plot_groups(results, str(tmp_path / "g.png"), before_groups={"cortex": 0.3}, groups=groups)
+    fig = kept_figures[-1]
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["Dice: cortex", "Dice: subcortical", "Dice: ventricles",
+                                                 "Dice: cerebellum + brainstem"]
+    colours = {tuple(ln.get_color()) for ln in panels[0].get_lines() if ln.get_label().startswith("m")}
+    assert len(colours) == 22
+    (legend,) = fig.legends
+    r = fig.canvas.get_renderer()
+    assert all(legend.get_window_extent(r).x0 >= ax.get_window_extent(r).x1 - 1 for ax in panels)
+    assert len(legend.get_texts()) == 23                                 # 22 methods + "before"
+
+
+def test_fig2_has_a_colour_bar_and_names_whose_t2(tmp_path, kept_figures):
+    rng = np.random.default_rng(0)
+    ex = {"mi λ=0.1": {k: rng.random((16, 16)) for k in ("fixed", "moving", "moved", "target_t2")}}
+    evaluation.plot_examples(ex, str(tmp_path / "fig2.png"))
+    fig = kept_figures[-1]
+    assert len(fig.axes) == 5                                            # 4 panels + the error map's colour bar
+    titles = " ".join(ax.get_title() for ax in fig.axes)
+    assert "T2w of subject a" in titles and "T1w of subject a" in titles and "T2w of subject b" in titles

@@ -9,7 +9,7 @@ import pytest
 from conftest import tree_hash
 import scipy.ndimage as ndi
 
-from contrareg_tf.data import proxy
+from contrareg_tf.data import proxy, proxy_stats
 from contrareg_tf.errors import ContraRegInputError
 
 SHAPE3, SP3, DISP3 = (32, 32, 32), 6.0, 2.0
@@ -84,7 +84,7 @@ def test_contrast_ordering(builds):
         assert m2[0] > m2[1] > m2[2], f"T2w must be CSF > GM > WM, got {m2}"
         assert m1[2] > m1[1] > m1[0], f"T1w must be WM > GM > CSF, got {m1}"
     # describe_proxy agrees with the per-file computation
-    st = proxy.describe_proxy(builds["a"])
+    st = proxy_stats.describe_proxy(builds["a"])
     assert st["n_subjects"] == 3
     cm = st["modalities"]["t2"]["class_mean"]
     assert cm["CSF"] > cm["GM"] > cm["WM"]
@@ -139,7 +139,7 @@ def test_labels_follow_the_warp(builds):
     la_on_b = ndi.map_coordinates(la, phi, order=0, mode="constant")
     before, after = _dice(la, lb), _dice(la_on_b, lb)
     assert after > before + 0.05
-    r = proxy.dice_ceiling(d, pairs=[(0, 1)])
+    r = proxy_stats.dice_ceiling(d, pairs=[(0, 1)])
     np.testing.assert_allclose(r["mean"], after, atol=0.02)
 
 
@@ -149,7 +149,7 @@ def test_dice_before_registration(builds):
     for i, j in [(0, 1), (1, 2), (0, 2)]:
         dc = _dice(labs[i], labs[j])
         assert 0.2 < dc < 0.95, f"Dice before registration {dc}: subjects identical or unrelated"
-    r = proxy.dice_before(d, pairs=[(0, 1), (2, 0)])
+    r = proxy_stats.dice_before(d, pairs=[(0, 1), (2, 0)])
     np.testing.assert_allclose(r["per_pair"], [_dice(labs[0], labs[1]), _dice(labs[2], labs[0])], atol=1e-12)
     np.testing.assert_allclose(r["mean"], np.mean(r["per_pair"]), atol=1e-12)
     assert set(r["per_label"]) == {"CSF", "GM", "WM"}
@@ -214,3 +214,43 @@ def test_bad_parameters(tmp_path):
     with pytest.raises(ContraRegInputError, match="mine.*not empty"):
         proxy.build_proxy(str(tmp_path / "mine"), n_subjects=2, shape=(16, 16), spacing=8.0, ndim=2)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_data_build_tiny3d_summarises_all_pairs_and_refuses_before_writing(tmp_path, capsys):
+    """tiny3d's 5 subjects hold 1 test subject: the build summarises all pairs instead of failing after
+    writing; bad arguments are refused before the output folder exists."""
+    from contrareg_tf.data.__main__ import main
+
+    out = tmp_path / "t3"
+    assert main(["build", "--preset", "tiny3d", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "all pairs (the test split has 1 subject)" in text and (out / "dataset.csv").is_file()
+    for bad in (["--subjects", "1"], ["--montage", "0"], ["--data-source", "nope"]):
+        with pytest.raises(ContraRegInputError):
+            main(["build", "--preset", "tiny3d", "--out", str(tmp_path / "no"), *bad])
+        assert not (tmp_path / "no").exists()
+
+
+def test_misalignment_warning_quiet_on_built_pairs_loud_on_a_shift(builds, tmp_path):
+    """Inter-subject pairs of the built data (2-D slices from different heights) are not flagged; the same
+    fixed image against a copy shifted by 12 % of the brain's extent is."""
+    import warnings
+
+    from contrareg_tf.data import physical
+    from contrareg_tf.errors import ContraRegWarning
+
+    subs = builds["2d"].subjects
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContraRegWarning)
+        for a in range(3):
+            for b in range(3):
+                if a != b:
+                    physical.load_pair(subs[a].t1, subs[b].t2)
+    img = nib.load(subs[1].t2)
+    x = np.asarray(img.dataobj)
+    ext = np.ptp(np.nonzero(x > 0.1 * x.max())[0]) + 1
+    shifted = ndi.shift(x, (0.12 * ext, 0), order=1)
+    p = str(tmp_path / "shifted.nii.gz")
+    nib.save(nib.Nifti1Image(shifted.astype(np.float32), img.affine), p)
+    with pytest.warns(ContraRegWarning, match="mis-aligned"):
+        physical.load_pair(subs[0].t1, p)

@@ -14,7 +14,9 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import tensorflow as tf
 
+from ..config import AUGMENT, DNS_PAPER
 from ..errors import ContraRegInputError
 from .io import crop_or_pad
 
@@ -49,7 +51,8 @@ def random_crop(x, size: Sequence[int], rng=None):
     return out if is_list else out[0]
 
 
-def random_flip(x, rng=None, axes: Optional[Sequence[int]] = None, p: float = 0.5, ndim: Optional[int] = None):
+def random_flip(x, rng=None, axes: Optional[Sequence[int]] = None, p: float = AUGMENT.flip_prob,
+                ndim: Optional[int] = None):
     """Flip each spatial axis (default: the first ``ndim`` axes, ``ndim`` = x.ndim if not given, or
     ``axes``) independently with probability ``p``; same flips for every array of a list."""
     rng = as_rng(rng)
@@ -61,12 +64,12 @@ def random_flip(x, rng=None, axes: Optional[Sequence[int]] = None, p: float = 0.
     return out if is_list else out[0]
 
 
-def random_brightness(x, rng=None, max_delta: float = 0.1):
+def random_brightness(x, rng=None, max_delta: float = AUGMENT.brightness):
     """x + δ, δ ~ U[−max_delta, max_delta], clipped to [0, 1]."""
     return np.clip(np.asarray(x, np.float32) + as_rng(rng).uniform(-max_delta, max_delta), 0, 1).astype(np.float32)
 
 
-def random_contrast(x, rng=None, lower: float = 0.8, upper: float = 1.2):
+def random_contrast(x, rng=None, lower: float = AUGMENT.contrast[0], upper: float = AUGMENT.contrast[1]):
     """(x − mean)·c + mean, c ~ U[lower, upper], clipped to [0, 1]."""
     x = np.asarray(x, np.float32)
     c = as_rng(rng).uniform(lower, upper)
@@ -74,22 +77,20 @@ def random_contrast(x, rng=None, lower: float = 0.8, upper: float = 1.2):
     return np.clip((x - m) * c + m, 0, 1).astype(np.float32)
 
 
-def random_gamma(x, rng=None, lower: float = 0.7, upper: float = 1.5):
+def random_gamma(x, rng=None, lower: float = AUGMENT.gamma[0], upper: float = AUGMENT.gamma[1]):
     """"Saturation" jitter as a gamma curve: x ** γ, log γ ~ U[log lower, log upper]; x clipped to [0, 1]."""
     g = math.exp(as_rng(rng).uniform(math.log(lower), math.log(upper)))
     return np.power(np.clip(np.asarray(x, np.float32), 0, 1), g).astype(np.float32)
 
 
-def intensity_jitter(x, rng=None, brightness: float = 0.1, contrast: Tuple[float, float] = (0.8, 1.2),
-                     gamma: Tuple[float, float] = (0.7, 1.5)):
+def intensity_jitter(x, rng=None, brightness: float = AUGMENT.brightness,
+                     contrast: Tuple[float, float] = AUGMENT.contrast, gamma: Tuple[float, float] = AUGMENT.gamma):
     """Brightness, contrast and gamma jitter in sequence (autoencoder pretraining); output in [0, 1]."""
     rng = as_rng(rng)
     x = random_brightness(x, rng, brightness)
     x = random_contrast(x, rng, *contrast)
     return random_gamma(x, rng, *gamma)
 
-
-jitter_intensity = intensity_jitter
 
 
 def bezier_curve(ctrl: np.ndarray, n: int = 1001) -> Tuple[np.ndarray, np.ndarray]:
@@ -102,7 +103,7 @@ def bezier_curve(ctrl: np.ndarray, n: int = 1001) -> Tuple[np.ndarray, np.ndarra
     return pts[:, 0], pts[:, 1]
 
 
-def random_bezier_ctrl(rng=None, n_ctrl: int = 3) -> np.ndarray:
+def random_bezier_ctrl(rng=None, n_ctrl: int = DNS_PAPER.bezier_points) -> np.ndarray:
     """Control points (n_ctrl + 2, 2): (0,0), n_ctrl random points in [0,1]² with x and y each sorted
     (monotone curve), (1,1)."""
     rng = as_rng(rng)
@@ -111,7 +112,8 @@ def random_bezier_ctrl(rng=None, n_ctrl: int = 3) -> np.ndarray:
     return np.concatenate([[[0.0, 0.0]], np.stack([xs, ys], 1), [[1.0, 1.0]]], 0)
 
 
-def bezier_lut(rng=None, n_ctrl: int = 3, invert_prob: float = 0.5, size: int = 1025):
+def bezier_lut(rng=None, n_ctrl: int = DNS_PAPER.bezier_points, invert_prob: float = DNS_PAPER.invert_prob,
+               size: int = 1025):
     """Random Bézier transform as a look-up table on the uniform grid linspace(0, 1, size) of input
     intensities; returns ``(lut, inverted)``. ``inverted``: the curve is applied to 1 − x."""
     rng = as_rng(rng)
@@ -129,7 +131,6 @@ def apply_lut(x, lut):
     if isinstance(x, np.ndarray) or np.isscalar(x):
         lut = np.asarray(lut, np.float32)
         return np.interp(np.clip(x, 0, 1), np.linspace(0, 1, len(lut)), lut).astype(np.float32)
-    import tensorflow as tf
     lut = tf.convert_to_tensor(lut, tf.float32)
     k = tf.cast(tf.shape(lut)[0] - 1, tf.float32)
     pos = tf.clip_by_value(tf.cast(x, tf.float32), 0.0, 1.0) * k
@@ -139,7 +140,8 @@ def apply_lut(x, lut):
     return tf.gather(lut, i0) * (1.0 - w) + tf.gather(lut, i0 + 1) * w
 
 
-def bezier_intensity(x, rng=None, n_ctrl: int = 3, invert_prob: float = 0.5, return_inverted: bool = False):
+def bezier_intensity(x, rng=None, n_ctrl: int = DNS_PAPER.bezier_points, invert_prob: float = DNS_PAPER.invert_prob,
+                     return_inverted: bool = False):
     """DNS stochastic intensity transform: B(x) or, with probability ``invert_prob``, B(1 − x), for a
     random monotone Bézier curve B through (0,0) and (1,1) with ``n_ctrl`` control points. ``x`` in
     [0, 1] (clipped); returns float32 (and whether it was inverted if ``return_inverted``)."""

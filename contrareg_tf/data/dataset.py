@@ -15,12 +15,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..atomic import atomic_path
+from ..config import PAPER_SPLIT
 from ..errors import ContraRegInputError
+from .io import check_same_shape, crop_or_pad, foreground_mask, load_labels, load_nifti, normalize_intensity
 
 REQUIRED_COLUMNS = ("subject", "t1", "t2", "labels")
 OPTIONAL_COLUMNS = ("mask", "split")
 SPLITS = ("train", "val", "test")
-PAPER_SPLIT = (405, 23, 64)  # dHCP train/val/test counts (paper §3)
 CSV_NAME = "dataset.csv"
 FILE_KEYS = ("t1", "t2", "labels", "mask")
 
@@ -234,20 +235,8 @@ def write_description(csv_path, records, relative: bool = True) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# a config's data set, single images
+# one subject, single images
 # ------------------------------------------------------------------------------------------------------------
-def resolve(cfg, data=None, out_dir=None) -> Description:
-    """A data-set ``Description``: ``data`` (CSV / folder) if given, else the built-in data of the config's
-    ``data_source`` at its grid (built once in ``out_dir`` or the cache folder ``proxy.build_proxy`` names after
-    its parameters, then reused)."""
-    if data is not None:
-        return load_description(data, seed=cfg.seed)
-    from .proxy import build_proxy
-
-    return build_proxy(out_dir, n_subjects=cfg.proxy_subjects, shape=tuple(cfg.inshape), spacing=cfg.spacing,
-                       seed=cfg.seed, max_disp=cfg.proxy_max_disp, ndim=len(cfg.inshape), source=cfg.data_source)
-
-
 def load_subject(s: Subject, ndim: Optional[int] = None, with_labels: bool = True, normalise: str = "always",
                  percentiles: str = "image") -> dict:
     """The one per-subject loader: T1w and T2w normalised to [0, 1], their foreground masks, the label map.
@@ -262,8 +251,6 @@ def load_subject(s: Subject, ndim: Optional[int] = None, with_labels: bool = Tru
     Returns a dict: ``t1``, ``t2`` float32, ``mask1``, ``mask2`` bool, ``labels`` int32 or None, ``affine`` (of
     the T1w file), ``ndim_file`` (dimensionality of the files). Callers crop/pad: :func:`load_images` (single
     images, MASR-Net) and ``pairs.load_split_arrays`` (registration pairs)."""
-    from .io import check_same_shape, foreground_mask, load_labels, load_nifti, normalize_intensity
-
     if normalise not in ("always", "outside_unit"):
         raise ContraRegInputError(f"normalise must be 'always' or 'outside_unit', got {normalise!r}")
     if percentiles not in ("image", "mask"):
@@ -293,8 +280,6 @@ def load_images(desc: Description, split: str = "train", ndim: Optional[int] = N
     with its foreground mask, for single-image training (MASR-Net): :func:`load_subject` with images outside
     [0, 1] mapped by robust percentiles inside the mask file (if any); sizes not divisible by ``multiple``
     are zero-padded up. Returns (images, masks, info dict)."""
-    from .io import crop_or_pad
-
     subjects = desc.split(split) or desc.split("all")
     images, masks = [], []
     for s in subjects:
@@ -312,3 +297,15 @@ def load_images(desc: Description, split: str = "train", ndim: Optional[int] = N
     info = dict(data=str(desc.source), split=split if desc.split(split) else "all", n_subjects=len(subjects),
                 n_images=len(images), modalities=["t1", "t2"])
     return images, masks, info
+
+
+def split_table(desc: Description) -> str:
+    """The split of a data set as CSV text (``subject,split``, in the description's order)."""
+    return "subject,split\n" + "".join(f"{s.subject},{s.split}\n" for s in desc.subjects)
+
+
+def split_summary(desc: Description) -> str:
+    """One line naming the split: counts and the subjects of the validation and test splits."""
+    parts = [f"{len(desc.split(n))} {n}" for n in SPLITS]
+    held = "; ".join(f"{n}: {', '.join(s.subject for s in desc.split(n)) or '-'}" for n in ("val", "test"))
+    return f"{desc.source}: split {' / '.join(parts)} ({held})"

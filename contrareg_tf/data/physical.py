@@ -29,17 +29,19 @@ Conventions and choices
 * Inverse warps use the same convention from the other side: for a world point ``A_f · y`` of the moving
   image, the matching fixed voxel is ``y + v(y)``.
 """
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+import nibabel.orientations as no
 import numpy as np
 import scipy.ndimage as ndi
 
+from ..config import ALIGN_TOL_COM, ALIGN_TOL_EXTENT
 from ..errors import ContraRegInputError, ContraRegWarning
 from .io import (Volume, check_nonempty_mask, check_not_blank, check_same_shape, foreground_mask, load_labels,
                  load_nifti)
-
-ALIGN_TOL_VOXELS = 4.0   # --affine none: warn when the masks' centres of mass or extents differ by more
+from .itk import ants_affine
 
 
 # ------------------------------------------------------------------------------------------ affines and grids
@@ -65,8 +67,6 @@ def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
 
 def canonical_orientation(affine, ndim: int, name: str = "image") -> np.ndarray:
     """nibabel orientation transform (``ndim`` × 2) from the stored voxel order to the closest RAS+ order."""
-    import nibabel.orientations as no
-
     a = spatial_affine(affine, ndim)
     if abs(np.linalg.det(a[:-1, :-1])) < 1e-12:
         raise ContraRegInputError(f"{name}: affine is singular" + (" in-plane (a 2-D image must be an axial-like "
@@ -76,15 +76,11 @@ def canonical_orientation(affine, ndim: int, name: str = "image") -> np.ndarray:
 
 def to_canonical(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:
     """Reorder the leading ``len(ornt)`` axes of ``data`` to canonical order (exact: flips/permutations)."""
-    import nibabel.orientations as no
-
     return np.ascontiguousarray(no.apply_orientation(data, ornt))
 
 
 def canonical_affine(affine, shape: Sequence[int], ornt: np.ndarray) -> np.ndarray:
     """Spatial affine of the canonical copy of an image of ``shape`` stored with ``affine``."""
-    import nibabel.orientations as no
-
     nd = len(ornt)
     return spatial_affine(affine, nd) @ no.inv_ornt_aff(ornt, tuple(shape)[:nd])
 
@@ -92,8 +88,6 @@ def canonical_affine(affine, shape: Sequence[int], ornt: np.ndarray) -> np.ndarr
 def from_canonical(data: np.ndarray, ornt: np.ndarray, vector: bool = False) -> np.ndarray:
     """Inverse of :func:`to_canonical`. ``vector=True``: ``data`` is a displacement (*vol, ndim) in canonical
     voxel units; its components are permuted and sign-flipped into the original voxel axes too."""
-    import nibabel.orientations as no
-
     out = no.apply_orientation(data, _inverse_ornt(ornt))
     if vector:
         out = np.stack([float(ornt[i, 1]) * out[..., int(ornt[i, 0])] for i in range(len(ornt))], axis=-1)
@@ -226,31 +220,33 @@ def _check_companion(img: Volume, lab: Volume, names):
                                   f"label map must lie on its image's grid")
 
 
-def alignment_report(fixed_c: np.ndarray, moving_c: np.ndarray) -> Tuple[float, np.ndarray]:
+def alignment_report(fixed_c: np.ndarray, moving_c: np.ndarray) -> Tuple[float, np.ndarray, float]:
     """(distance of the foreground masks' centres of mass, per-axis difference of their bounding-box
-    extents), in canonical fixed voxels, for the moving image already on the fixed grid."""
+    extents, mean bounding-box extent of the fixed foreground), in canonical fixed voxels, for the moving image
+    already on the fixed grid."""
     mf, mm = foreground_mask(fixed_c), foreground_mask(moving_c)
     if not mf.any() or not mm.any():
-        return float("inf"), np.full(fixed_c.ndim, np.inf)
-    com = np.linalg.norm(np.array(ndi.center_of_mass(mf)) - np.array(ndi.center_of_mass(mm)))
+        return float("inf"), np.full(fixed_c.ndim, np.inf), 1.0
 
     def extent(m):
         idx = np.argwhere(m)
         return idx.max(0) - idx.min(0) + 1
 
-    return float(com), np.abs(extent(mf) - extent(mm)).astype(float)
+    com = np.linalg.norm(np.array(ndi.center_of_mass(mf)) - np.array(ndi.center_of_mass(mm)))
+    return float(com), np.abs(extent(mf) - extent(mm)).astype(float), float(extent(mf).mean())
 
 
-def warn_if_misaligned(fixed_c: np.ndarray, moving_c: np.ndarray, tol: float = ALIGN_TOL_VOXELS) -> bool:
-    """``--affine none``: warn (``ContraRegWarning``) when the brain masks' centres of mass or extents differ
-    by more than ``tol`` voxels of the fixed grid. Returns whether it warned."""
-    import warnings
-
-    com, ext = alignment_report(fixed_c, moving_c)
-    if com > tol or ext.max() > tol:
+def warn_if_misaligned(fixed_c: np.ndarray, moving_c: np.ndarray, tol_com: float = ALIGN_TOL_COM,
+                       tol_extent: float = ALIGN_TOL_EXTENT) -> bool:
+    """``--affine none``: warn (``ContraRegWarning``) when the brain masks' centres of mass lie further apart
+    than ``tol_com`` × the fixed foreground's mean extent, or an extent differs by more than ``tol_extent`` ×
+    it (relative, so one rule serves every grid size; ``config.ALIGN_TOL_COM``). Returns whether it warned."""
+    com, ext, size = alignment_report(fixed_c, moving_c)
+    if com > tol_com * size or ext.max() > tol_extent * size:
         warnings.warn(f"fixed and moving images look mis-aligned (foreground centres of mass {com:.1f} voxels "
-                      f"apart, extents differ by up to {ext.max():.0f} voxels); the deformable model expects "
-                      f"affinely aligned pairs: try --affine ants", ContraRegWarning, stacklevel=2)
+                      f"apart, extents differ by up to {ext.max():.0f} voxels, of a {size:.0f}-voxel brain); the "
+                      f"deformable model expects affinely aligned pairs: try --affine ants", ContraRegWarning,
+                      stacklevel=2)
         return True
     return False
 
@@ -285,8 +281,6 @@ def load_pair(fixed, moving, moving_labels=None, fixed_labels=None, affine: str 
     world = np.eye(nd + 1)
     mv_sp = spatial_affine(mv.affine, nd)
     if affine == "ants":
-        from .itk import ants_affine
-
         world = ants_affine(fixed_c, aff_c, mv.data, mv_sp)
     moving_c = sample(mv.data, mv_sp, fixed_c.shape, aff_c, world=world)
     if not moving_c.any():

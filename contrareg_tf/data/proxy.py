@@ -16,11 +16,16 @@ Per subject k (``rng = default_rng([seed, k])``):
   intensities, FWHM = spacing; labels by nearest neighbour), grid centred on the brain's bounding box.
   2-D mode: an axial slice (z drawn from a band of ``slice_band_mm`` around MNI z = ``slice_z_mm``) is
   taken FIRST, everything after is in-plane 2-D.
+  (Every default: ``config.ProxyConfig``.)
 - a smooth diffeomorphism: SVF with i.i.d. N(0, 1) values on a coarse grid (control points every
   ``svf_spacing_mm``), cubic B-spline upsampled, scaled so max |v| = ``max_disp`` voxels, integrated by
   scaling and squaring. Saved as ``warp`` (voxel units, ij order, shape (*vol, ndim)): the subject is the
   template pulled back, ``subject(x) = template(x + u(x))``; ``warp_inv`` is exp(−v).
 - intensities normalised to [0, 1] by robust percentiles; labels warped with nearest neighbour.
+- the ground truth of a pair (:func:`true_pair_warp`): subject a registered to subject b by φ_a⁻¹ ∘ φ_b.
+
+Statistics and figures about a built data set (Dice before registration, the true-warp ceiling, the montage)
+are ``data/proxy_stats.py``.
 """
 import functools
 import hashlib
@@ -33,9 +38,10 @@ from typing import Optional, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
-from ..config import PAPER
 from ..atomic import write_json
+from ..config import PAPER, PROXY
 from ..errors import ContraRegInputError
+from . import icbm
 from .dataset import (CSV_NAME, Description, Subject, assign_splits, load_description,
                       write_description)
 from .io import load_nifti, normalize_intensity, save_nifti
@@ -49,11 +55,8 @@ MNI_FILES = {
     "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
 }
 LABEL_NAMES = {1: "CSF", 2: "GM", 3: "WM"}     # labels of the mni2009a-synth source
-# T2w class intensity ranges (before bias/noise/normalisation): disjoint, so CSF > GM > WM always.
-T2_RANGES = {"csf": (0.8, 1.0), "gm": (0.45, 0.62), "wm": (0.2, 0.35)}
-# per-subject intensity augmentation of a real contrast (icbm2009c): gamma = exp(U[±GAMMA_LOG]), Gaussian blur
-# σ ~ U[BLUR] voxels, multiplicative bias exp(B-spline of N(0, BIAS_STD)), Rician noise σ ~ U[NOISE]
-AUG_GAMMA_LOG, AUG_BLUR, AUG_BIAS_STD, AUG_NOISE = 0.25, (0.3, 0.7), 0.15, (0.01, 0.03)
+# T2w class intensity ranges (before bias/noise/normalisation) of the mni2009a-synth source
+T2_RANGES = {"csf": PROXY.t2_csf, "gm": PROXY.t2_gm, "wm": PROXY.t2_wm}
 
 
 def default_cache_dir() -> str:
@@ -63,7 +66,7 @@ def default_cache_dir() -> str:
 
 def nilearn_data_dir() -> str:
     """Folder of the data files shipped inside the nilearn wheel (never a fetcher)."""
-    import nilearn
+    import nilearn  # lazy: heavy, and only the mni2009a-synth source reads its files
     return os.path.join(os.path.dirname(nilearn.__file__), "datasets", "data")
 
 
@@ -78,7 +81,6 @@ def _maps(source: str):
     ``mni2009a-synth``: t1, gm, wm in [0, 1] and brain (binary, hole-filled)."""
     _check_source(source)
     if source == "icbm2009c":
-        from . import icbm
         return icbm.load_template()
     d = nilearn_data_dir()
     vols = {}
@@ -169,16 +171,16 @@ def label_info(source: str):
     """``(names, groups)``: ``{label: name}`` and ``{label: coarse group}`` of a source's label maps."""
     _check_source(source)
     if source == "icbm2009c":
-        from . import icbm
         return icbm.label_table()
     return dict(LABEL_NAMES), {}
 
 
-def _grid(shape):
+def voxel_grid(shape):
+    """Voxel index coordinates (ndim, *shape), float32, ij order."""
     return np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"), 0)
 
 
-def _warp(img, disp, grid, order=1):
+def pull_back(img, disp, grid, order=1):
     """Pull-back ``img(x + disp(x))``; ``disp`` is (ndim, *vol) in voxels."""
     return ndi.map_coordinates(img, grid + disp, order=order, mode="constant", cval=0.0,
                                prefilter=False).astype(img.dtype)
@@ -200,7 +202,7 @@ def integrate_svf(v, steps: Optional[int] = None, grid=None):
         vmax = float(np.sqrt((v ** 2).sum(0)).max())
         gmax = max(float(np.abs(np.gradient(c, axis=i)).max()) for c in v for i in range(v.shape[0]))
         steps = max(4, int(math.ceil(math.log2(max(vmax * 4.0, gmax * 20.0, 1.0)))))
-    grid = _grid(v.shape[1:]) if grid is None else grid
+    grid = voxel_grid(v.shape[1:]) if grid is None else grid
     u = v / np.float32(2.0 ** steps)
     for _ in range(steps):
         u = _compose_self(u, grid)
@@ -225,7 +227,7 @@ def smooth_upsample(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return out
 
 
-def random_svf(rng, shape, spacing: float, max_disp: float, svf_spacing_mm: float = 32.0):
+def random_svf(rng, shape, spacing: float, max_disp: float, svf_spacing_mm: float = PROXY.svf_spacing_mm):
     """Smooth SVF (ndim, *shape): N(0,1) on a coarse grid (one control point per ``svf_spacing_mm``),
     cubic B-spline upsampled, scaled so its maximal vector norm is ``max_disp`` voxels."""
     nd = len(shape)
@@ -236,7 +238,7 @@ def random_svf(rng, shape, spacing: float, max_disp: float, svf_spacing_mm: floa
     return (v * (max_disp / max(norm, 1e-12))).astype(np.float32)
 
 
-def _smooth_field(rng, shape, n_ctrl=4, std=0.15):
+def _smooth_field(rng, shape, n_ctrl=PROXY.bias_ctrl, std=PROXY.bias_std):
     """Smooth multiplicative bias field exp(B-spline upsampling of N(0, std) on an ``n_ctrl`` grid)."""
     coarse = rng.standard_normal((n_ctrl,) * len(shape)) * std
     return np.exp(smooth_upsample(coarse, shape)).astype(np.float32)
@@ -249,7 +251,7 @@ def _rician(rng, img, sigma):
     return np.sqrt((img + sigma * n1) ** 2 + (sigma * n2) ** 2)
 
 
-def render_t2(rng, csf, gm, wm, bias_std=0.15, blur=(0.3, 0.7), noise=(0.01, 0.03)):
+def render_t2(rng, csf, gm, wm, bias_std=PROXY.bias_std, blur=PROXY.blur, noise=PROXY.noise):
     """Synthetic T2w from tissue maps (``mni2009a-synth``): random class intensities (CSF > GM > WM), smooth
     multiplicative bias, Gaussian blur (sigma in voxels drawn from ``blur``), Rician noise (sigma drawn from
     ``noise``)."""
@@ -264,28 +266,28 @@ def render_t2(rng, csf, gm, wm, bias_std=0.15, blur=(0.3, 0.7), noise=(0.01, 0.0
 
 def augment_contrast(rng, img, mask):
     """Per-subject intensity augmentation of a real contrast (``icbm2009c``), never a re-rendering: on the
-    [0, 1]-normalised image, gamma x^γ (log γ ~ U[±AUG_GAMMA_LOG]), Gaussian blur (σ ~ U[AUG_BLUR] voxels),
-    smooth multiplicative bias field, Rician noise (σ ~ U[AUG_NOISE]); background (outside the brain ``mask``)
-    stays 0 as in a skull-stripped scan. Returns the image normalised to [0, 1] again."""
+    [0, 1]-normalised image, gamma x^γ (log γ ~ U[±gamma_log]), Gaussian blur (σ ~ U[blur] voxels),
+    smooth multiplicative bias field, Rician noise (σ ~ U[noise]) (``config.PROXY``); background (outside the
+    brain ``mask``) stays 0 as in a skull-stripped scan. Returns the image normalised to [0, 1] again."""
     x = normalize_intensity(img)
-    x = x ** np.exp(rng.uniform(-AUG_GAMMA_LOG, AUG_GAMMA_LOG))
-    x = ndi.gaussian_filter(x, rng.uniform(*AUG_BLUR))
-    x = x * _smooth_field(rng, x.shape, std=AUG_BIAS_STD)
-    x = _rician(rng, x, rng.uniform(*AUG_NOISE))
+    x = x ** np.exp(rng.uniform(-PROXY.gamma_log, PROXY.gamma_log))
+    x = ndi.gaussian_filter(x, rng.uniform(*PROXY.blur))
+    x = x * _smooth_field(rng, x.shape, std=PROXY.bias_std)
+    x = _rician(rng, x, rng.uniform(*PROXY.noise))
     return normalize_intensity(np.where(mask, x, 0.0).astype(np.float32))
 
 
 def _render(source, rng, maps, labels0, u, grid, augment):
     """One subject from the template maps and its displacement ``u``: (t1, t2, labels, mask)."""
-    labels = _warp(labels0, u, grid, order=0).astype(np.int16)
+    labels = pull_back(labels0, u, grid, order=0).astype(np.int16)
     if source == "mni2009a-synth":
-        w = {key: _warp(maps[key], u, grid) for key in ("t1", "csf", "gm", "wm")}
+        w = {key: pull_back(maps[key], u, grid) for key in ("t1", "csf", "gm", "wm")}
         t2, _ = render_t2(rng, w["csf"], w["gm"], w["wm"])
         return normalize_intensity(w["t1"]), normalize_intensity(t2), labels, labels > 0
-    mask = _warp(maps["brain"], u, grid) > 0.5
+    mask = pull_back(maps["brain"], u, grid) > 0.5
     out = []
     for key in ("t1", "t2"):
-        x = _warp(maps[key], u, grid)
+        x = pull_back(maps[key], u, grid)
         out.append(augment_contrast(rng, x, mask) if augment else normalize_intensity(x))
     return out[0], out[1], labels, mask
 
@@ -335,10 +337,11 @@ SOURCE_NOTES = {
 }
 
 
-def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Sequence[int] = (64, 64, 64),
-                spacing: float = 3.0, seed: int = 0, max_disp: float = PAPER.proxy_max_disp, ndim: int = 3,
-                svf_spacing_mm: float = 32.0, slice_z_mm: float = 12.0, slice_band_mm: float = 4.0,
-                source: str = PAPER.data_source, augment: bool = True, verbose: bool = False) -> Description:
+def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Sequence[int] = PROXY.shape,
+                spacing: float = PROXY.spacing, seed: int = PAPER.seed, max_disp: float = PAPER.proxy_max_disp,
+                ndim: int = 3, svf_spacing_mm: float = PROXY.svf_spacing_mm, slice_z_mm: float = PROXY.slice_z_mm,
+                slice_band_mm: float = PROXY.slice_band_mm, source: str = PAPER.data_source, augment: bool = True,
+                verbose: bool = False) -> Description:
     """Build (or reuse) a built-in data set in ``out_dir`` (default: a folder under :func:`default_cache_dir`
     named after the parameters) and return its :class:`Description`.
 
@@ -375,7 +378,7 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
     t0 = time.time()
     if ndim == 3:
         tmpl3 = template(shape, spacing, source)
-    grid = _grid(shape)
+    grid = voxel_grid(shape)
     names = [f"sub-{k:03d}" for k in range(n_subjects)]
     splits = assign_splits(names, seed)
     subjects = []
@@ -412,90 +415,6 @@ def build_proxy(out_dir=None, n_subjects: int = PAPER.proxy_subjects, shape: Seq
     return desc
 
 
-# ----------------------------------------------------------------------------------------------------
-# statistics
-
-def _load_subject(s: Subject):
-    t1 = load_nifti(s.t1).data
-    t2 = load_nifti(s.t2).data
-    lab = load_nifti(s.labels).data.astype(np.int32)
-    mask = load_nifti(s.mask).data > 0 if s.mask else lab > 0
-    return t1, t2, lab, mask
-
-
-def describe_proxy(desc: Description, split: str = "all") -> dict:
-    """Statistics over the subjects of ``split``: per modality mean/std inside the mask and mean per
-    label (names from the build's ``proxy.json``; ``unlabelled`` = label 0 inside the mask, the cerebral white
-    matter of CerebrA), label volume fractions (of the mask), all averaged over subjects."""
-    subs = desc.split(split)
-    if not subs:
-        raise ContraRegInputError(f"describe_proxy: split {split!r} has no subjects")
-    names = {int(k): v for k, v in (desc.meta.get("label_names") or LABEL_NAMES).items()}
-    icbm = (desc.meta.get("params") or {}).get("source") == "icbm2009c"
-    classes = {0: "unlabelled", **names} if icbm else names
-    acc = {"t1": [], "t2": []}
-    frac = []
-    for s in subs:
-        t1, t2, lab, mask = _load_subject(s)
-        sel = {j: (lab == j) & mask for j in classes}
-        for key, img in (("t1", t1), ("t2", t2)):
-            acc[key].append([img[mask].mean(), img[mask].std()] +
-                            [img[m].mean() if m.any() else np.nan for m in sel.values()])
-        frac.append([m.sum() / mask.sum() for m in sel.values()])
-    out = {"n_subjects": len(subs), "shape": list(t1.shape), "modalities": {}}
-    for key, rows in acc.items():
-        m = np.nanmean(np.array(rows, float), 0)
-        out["modalities"][key] = {"mean": float(m[0]), "std": float(m[1]),
-                                  "class_mean": {classes[j]: float(m[2 + i]) for i, j in enumerate(classes)}}
-    f = np.mean(np.array(frac, float), 0)
-    out["label_fractions"] = {classes[j]: float(f[i]) for i, j in enumerate(classes)}
-    return out
-
-
-def _pairs_of(desc, pairs, n_pairs, seed, split):
-    subs = desc.split(split)
-    if pairs is None:
-        from .pairs import make_pairs
-        pairs = make_pairs(subs, n_pairs, seed)
-    return subs, pairs
-
-
-def _label_loader(subs):
-    cache = {}
-
-    def lab(i):
-        if i not in cache:
-            cache[i] = load_nifti(subs[i].labels).data.astype(np.int32)
-        return cache[i]
-    return lab
-
-
-def _dice_summary(desc, rows):
-    """rows: [(fixed labels, moving labels before, moved labels)] -> mean / per-structure / per-pair Dice over
-    each pair's structures (``metrics.pair_structures``)."""
-    from ..metrics import pair_structures, structure_dice
-
-    names = {int(k): v for k, v in (desc.meta.get("label_names") or {}).items()}
-    ids = sorted(set().union(*[pair_structures(f, m) for f, m, _ in rows]))
-    d = np.array([structure_dice(f, m, mv, ids) for f, m, mv in rows]).reshape(len(rows), len(ids))
-    per_pair = [float(np.nanmean(r)) for r in d]
-    return {"mean": float(np.mean(per_pair)),
-            "per_label": {names.get(j, str(j)): float(np.nanmean(d[:, i])) for i, j in enumerate(ids)},
-            "per_pair": per_pair}
-
-
-def dice_before(desc: Description, pairs=None, n_pairs: Optional[int] = 8, seed: int = 0,
-                split: str = "all") -> dict:
-    """Dice of the label maps of inter-subject pairs before registration (identity warp), mean over each
-    pair's structures (labels present in both maps).
-
-    ``pairs``: list of (a, b) indices into ``desc.split(split)``; default ``make_pairs(.., n_pairs, seed)``.
-    Returns ``{'mean': float, 'per_label': {name: mean}, 'per_pair': [mean over structures per pair]}``."""
-    subs, pairs = _pairs_of(desc, pairs, n_pairs, seed, split)
-    lab = _label_loader(subs)
-    return _dice_summary(desc, [(lab(b), lab(a), lab(a)) for a, b in pairs])
-
-
 def true_pair_warp(desc_or_subjects, a: int, b: int, split: str = "all") -> np.ndarray:
     """Ground-truth displacement (*vol, ndim) that registers subject ``a`` (moving) to subject ``b``
     (fixed) of a 3-D proxy: φ = φ_a⁻¹ ∘ φ_b, i.e. ``a(φ(y)) ≈ b(y)``. (In 2-D mode subjects come from
@@ -506,49 +425,8 @@ def true_pair_warp(desc_or_subjects, a: int, b: int, split: str = "all") -> np.n
             raise ContraRegInputError(f"subject {s.subject!r}: no proxy warp files (not a proxy build?)")
     ub = np.moveaxis(load_nifti(subs[b].extra["warp"], vector=True).data, -1, 0)
     ua_inv = np.moveaxis(load_nifti(subs[a].extra["warp_inv"], vector=True).data, -1, 0)
-    grid = _grid(ub.shape[1:])
+    grid = voxel_grid(ub.shape[1:])
     coords = grid + ub
     comp = np.stack([ndi.map_coordinates(c, coords, order=1, mode="nearest", prefilter=False)
                      for c in ua_inv], 0)
     return np.moveaxis(ub + comp, 0, -1)
-
-
-def dice_ceiling(desc: Description, pairs=None, n_pairs: Optional[int] = 8, seed: int = 0,
-                 split: str = "all") -> dict:
-    """Dice after warping subject a's labels with the ground-truth :func:`true_pair_warp` (nearest
-    neighbour): the best a registration can do on the built-in data. Same output as :func:`dice_before`."""
-    subs, pairs = _pairs_of(desc, pairs, n_pairs, seed, split)
-    lab = _label_loader(subs)
-    rows = []
-    for a, b in pairs:
-        phi = np.moveaxis(true_pair_warp(subs, a, b), -1, 0)
-        la = lab(a)
-        rows.append((lab(b), la, _warp(la, phi, _grid(la.shape), order=0)))
-    return _dice_summary(desc, rows)
-
-
-def plot_montage(desc: Description, path: str, n: int = 4) -> str:
-    """PNG montage of the first ``n`` subjects: T1w, T2w and the label map over the T1w (mid axial slice in
-    3-D), so that a user can look at the built-in data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    subs = desc.subjects[:max(1, int(n))]
-    fig, axes = plt.subplots(len(subs), 3, figsize=(7.5, 2.6 * len(subs)), squeeze=False)
-    for row, s in zip(axes, subs):
-        t1, t2, lab, _ = _load_subject(s)
-        if t1.ndim == 3:
-            z = t1.shape[2] // 2
-            t1, t2, lab = t1[..., z], t2[..., z], lab[..., z]
-        for ax, img, title in ((row[0], t1, "T1w"), (row[1], t2, "T2w"), (row[2], t1, "labels")):
-            ax.imshow(np.rot90(img), cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{s.subject} {title} ({s.split})" if title == "T1w" else title, fontsize=8)
-            ax.axis("off")
-        ml = np.ma.masked_equal(np.rot90(lab), 0)
-        row[2].imshow(ml, cmap="tab20", interpolation="nearest", alpha=0.7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
