@@ -72,6 +72,16 @@ def _number(kind, low, low_ok, high=None):
 positive_int = _number(int, 1, True)
 nonnegative_int = _number(int, 0, True)
 positive_float = _number(float, 0.0, False)
+unit_float = _number(float, 0.0, True, 1.0)          # λ
+percent = _number(float, 0.0, True, 100.0)            # fold budgets
+
+
+def positive_ints(text):
+    """A comma-separated grid or crop, e.g. ``96,112,96``: positive integers."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated sizes, e.g. 96,112,96")
+    return tuple(positive_int(t) for t in parts)
 
 
 # scaling-and-squaring steps: 0 (no integration) to 64 (2^64 sub-steps is already far past float32)

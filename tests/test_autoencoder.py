@@ -1,9 +1,13 @@
 """Autoencoders A1/A2 (contrareg_tf/networks/autoencoder.py)."""
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import contrareg_tf
+import contrareg_tf.assets
+import contrareg_tf.config
 from contrareg_tf import PAPER, ContraRegInputError
 from contrareg_tf.networks import autoencoder as ae
 
@@ -128,3 +132,42 @@ def test_bad_input():
         ae.build_autoencoder(2, filters=(32, 64, 1))
     m = ae.build_autoencoder(3, inshape=(16, 16, 24))
     assert tuple(m.inputs[0].shape[1:]) == (16, 16, 24, 1)
+
+
+def test_layout_check(tmp_path):
+    """A weights file of the paper's shapes trained in another layout (pooling / up-sampling after the conv;
+    tests/data/make_ae_layout_fixtures.py) loads by shape but is refused by the reconstruction probe on held-out
+    data; the shipped paper-layout cpu-demo AE passes it on the same images; random weights are refused."""
+    data = os.path.join(os.path.dirname(__file__), "data")
+    probe = np.load(os.path.join(data, "ae_probe_t1_2d.npy"))
+    filters = contrareg_tf.config.get_preset("cpu-demo").ae_filters
+    wrong = os.path.join(data, "ae_wrong_layout_2d.h5")
+    ae.load_autoencoder(wrong, 2, filters=filters)                     # the shape check alone lets it through
+    with pytest.raises(ContraRegInputError, match="ae_wrong_layout_2d.h5: in the paper autoencoder layout"):
+        ae.load_autoencoder(wrong, 2, filters=filters, probe=probe)
+    shipped = contrareg_tf.assets.shipped("ae_t1_cpu-demo.h5")
+    model = ae.load_autoencoder(shipped, 2, filters=filters, probe=probe)
+    # the probe's correlation is numpy's Pearson r of image and reconstruction
+    rec = model(probe[..., None])[0].numpy()[..., 0]
+    r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(rec, probe)]
+    np.testing.assert_allclose(ae.reconstruction_corr(model, probe), r, rtol=1e-5)
+    assert min(r) >= contrareg_tf.config.AE_LAYOUT_MIN_CORR
+    path = ae.save_autoencoder(ae.build_autoencoder(2, filters=filters, seed=3), tmp_path / "random.h5")
+    with pytest.raises(ContraRegInputError, match="random.h5"):
+        ae.load_autoencoder(path, 2, filters=filters, probe=probe)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A failing save (full disk, Ctrl-C) leaves the previous file whole and no temporary file."""
+    path = ae.save_autoencoder(ae.build_autoencoder(2, seed=1), tmp_path / "a1.h5")
+    before = open(path, "rb").read()
+    model = ae.build_autoencoder(2, seed=2)
+
+    def boom(p, *a, **k):
+        open(p, "wb").write(b"partial")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(model, "save_weights", boom)
+    with pytest.raises(OSError):
+        ae.save_autoencoder(model, path)
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["a1.h5"]

@@ -1,11 +1,11 @@
 """Evaluate trained λ-conditioned models over the paper's 17 λ values; write one CSV per method, Table 1
 (Markdown + CSV), Fig. 3-style curves and Fig. 2-style example slices.
 
-    python eval_scripts/eval_hyper.py --runs runs/mcr runs/cr runs/mi --out results/ --preset cpu-demo
+    python eval_scripts/eval_hyper.py --runs runs/mcr runs/cr runs/mi --out results/
 """
 import argparse
 
-from contrareg_tf.cli import console
+from contrareg_tf.cli import console, percent, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import FOLD_BUDGET
 
@@ -16,9 +16,9 @@ def parse(argv):
     p.add_argument("--runs", nargs="+", required=True, help="train_hyper.py output folders (one per method)")
     p.add_argument("--out", required=True, help="folder for CSVs, table1.md/csv, fig3.png, fig2.png")
     p.add_argument("--data", default=None, help="data-set description; default: the built-in proxy of the runs")
-    p.add_argument("--split", default="test")
-    p.add_argument("--pairs", type=int, default=None, help="number of test pairs (default: all ordered pairs)")
-    p.add_argument("--max-folds", type=float, default=FOLD_BUDGET, help="Table 1 folding budget, %% of voxels")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--pairs", type=positive_int, default=None, help="number of test pairs (default: all ordered pairs)")
+    p.add_argument("--max-folds", type=percent, default=FOLD_BUDGET, help="Table 1 folding budget, %% of voxels")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 

@@ -21,7 +21,7 @@ input or another output.
 """
 import argparse
 
-from contrareg_tf.cli import add_pair_outputs, console
+from contrareg_tf.cli import add_pair_outputs, console, percent, positive_float, unit_float
 
 
 
@@ -31,15 +31,15 @@ def parse(argv):
     p.add_argument("--fixed", required=True)
     p.add_argument("--moving", required=True)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--lambda", dest="lam", type=float, help="regularisation weight λ in [0, 1]")
-    g.add_argument("--max-folds", type=float, help="choose λ per pair: least regularised with folds ≤ PCT %%")
+    g.add_argument("--lambda", dest="lam", type=unit_float, help="regularisation weight λ in [0, 1]")
+    g.add_argument("--max-folds", type=percent, help="choose λ per pair: least regularised with folds ≤ PCT %%")
     p.add_argument("--moving-modality", default="t2", choices=("t1", "t2"),
                    help="modality of the moving image (models are trained T2w → T1w)")
     p.add_argument("--moved", required=True, help="output moved image (.nii.gz)")
     p.add_argument("--warp", help="output displacement field (.nii.gz)")
     p.add_argument("--inverse-warp", help="output inverse displacement field (.nii.gz)")
     add_pair_outputs(p)
-    p.add_argument("--model-spacing", type=float, help="voxel size (mm) the model was trained at (default: "
+    p.add_argument("--model-spacing", type=positive_float, help="voxel size (mm) the model was trained at (default: "
                    "config.json)")
     return p.parse_args(argv)
 

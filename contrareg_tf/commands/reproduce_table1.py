@@ -17,7 +17,7 @@ method, evaluates the 17 λ values, prints Table 1 and writes table1.md/csv, fig
 import argparse
 import dataclasses
 
-from contrareg_tf.cli import console
+from contrareg_tf.cli import console, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import TABLE1_A
 
@@ -35,13 +35,13 @@ def parse(argv):
                    f"{' '.join(TABLE1_A)})")
     p.add_argument("--rows", help="Table-1 sets or rows, comma-separated: A,B,C,D,extra or e.g. A5,B1 "
                    "(paper labels and the paper's values beside each row)")
-    p.add_argument("--iters", type=int, help="registration iterations per method (default: the preset's)")
-    p.add_argument("--ae-iters", type=int, help="autoencoder iterations if they must be trained")
+    p.add_argument("--iters", type=positive_int, help="registration iterations per method (default: the preset's)")
+    p.add_argument("--ae-iters", type=positive_int, help="autoencoder iterations if they must be trained")
     p.add_argument("--ae1", help="T1w autoencoder .h5 (default: shipped models/ for the preset, else trained)")
     p.add_argument("--ae2", help="T2w autoencoder .h5")
-    p.add_argument("--pairs", type=int, default=None, help="number of test pairs")
+    p.add_argument("--pairs", type=positive_int, default=None, help="number of test pairs")
     p.add_argument("--resume", action="store_true", help="continue runs that have checkpoints")
-    p.add_argument("--workers", type=int, help="methods trained at once in separate processes (default: 2 on a "
+    p.add_argument("--workers", type=positive_int, help="methods trained at once in separate processes (default: 2 on a "
                    "multi-core CPU, 1 with a GPU)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)

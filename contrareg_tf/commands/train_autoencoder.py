@@ -11,13 +11,9 @@ import argparse
 import dataclasses
 import sys
 
-from contrareg_tf.cli import console
+from contrareg_tf.cli import console, nonnegative_int, positive_float, positive_int, positive_ints
 from contrareg_tf.compat import deterministic_ops
 
-
-
-def _ints(s):
-    return tuple(int(t) for t in s.split(",") if t.strip())
 
 
 def parse(argv):
@@ -29,15 +25,15 @@ def parse(argv):
     p.add_argument("--preset", default="paper")
     p.add_argument("--data", default=None, help="data-set description (CSV or folder); default: built-in proxy")
     p.add_argument("--data-source", help="built-in data: icbm2009c (default) or mni2009a-synth")
-    p.add_argument("--grid", type=_ints, help="built-in data grid, e.g. 96,112,96 (default: the preset's)")
-    p.add_argument("--spacing", type=float, help="built-in data spacing in mm (default: the preset's)")
-    p.add_argument("--crop", type=_ints, help="training crop, e.g. 64,64,64 (default: the preset's ae_crop)")
-    p.add_argument("--subjects", type=int, help="built-in data subjects (default: the preset's)")
-    p.add_argument("--iters", type=int)
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--grid", type=positive_ints, help="built-in data grid, e.g. 96,112,96 (default: the preset's)")
+    p.add_argument("--spacing", type=positive_float, help="built-in data spacing in mm (default: the preset's)")
+    p.add_argument("--crop", type=positive_ints, help="training crop, e.g. 64,64,64 (default: the preset's ae_crop)")
+    p.add_argument("--subjects", type=positive_int, help="built-in data subjects (default: the preset's)")
+    p.add_argument("--iters", type=positive_int)
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="Adam learning rate (default: the preset's ae_lr, 1e-4; not in the paper)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)

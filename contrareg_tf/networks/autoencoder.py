@@ -20,9 +20,11 @@ Model outputs ``[recon, f1, ..., f6]``. The loss module uses the 6 features of a
 """
 import os
 
+import numpy as np
 import tensorflow as tf
 
-from ..config import PAPER
+from ..atomic import atomic_path
+from ..config import AE_LAYOUT_MIN_CORR, PAPER
 from ..errors import ContraRegInputError
 from .layers import NearestUpsample
 from .weights import load_weights
@@ -127,7 +129,8 @@ def save_autoencoder(model, path):
     if not path.endswith((".h5", ".hdf5")):
         raise ContraRegInputError(f"{path}: autoencoder weights must be saved as .h5 / .hdf5")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    model.save_weights(path)
+    with atomic_path(path) as tmp:      # a crash or a full disk leaves the previous file, not half a file
+        model.save_weights(tmp)
     return path
 
 
@@ -136,9 +139,39 @@ def load_autoencoder_weights(model, path):
     return load_weights(model, path)
 
 
+def reconstruction_corr(model, images):
+    """Pearson correlation between each image and its reconstruction by ``model``: images (N, *vol) in [0, 1]."""
+    x = np.asarray(images, np.float32)[..., None]
+    rec = np.asarray(model(x, training=False)[0])[..., 0]
+    return np.array([np.corrcoef(r.ravel(), i.ravel())[0, 1] for r, i in zip(rec, x[..., 0])])
+
+
+def check_layout(model, path, images, min_corr=AE_LAYOUT_MIN_CORR):
+    """Refuse weights that were not trained in the paper layout of the module docstring.
+
+    A weights-only ``.h5`` stores shapes, not strides: an AE trained with Conv(stride 1) → norm → act →
+    MaxPool down-sampling and up-sampling after the conv has the same weight shapes as the paper's, loads, and
+    gives features at other strides. Its reconstruction in the paper layout is what gives it away: the same
+    training in the paper layout reconstructs held-out images with correlation ≥ 0.98, in the other one 0.70–0.75
+    (random weights ≤ 0.25; bench/results/ae_layout_probe.md). So ``images`` (a few of the data the AE will be used on, this modality) must be
+    reconstructed with correlation ≥ ``min_corr``; otherwise one ``ContraRegInputError`` naming the file.
+    Returns the smallest correlation.
+    """
+    r = float(np.min(reconstruction_corr(model, images)))
+    if not r >= min_corr:
+        raise ContraRegInputError(
+            f"{os.fspath(path)}: in the paper autoencoder layout (Conv stride 2 ×3, then up-sampling before the "
+            f"conv ×3, features = pre-norm conv outputs) it reconstructs the data with correlation {r:.2f} < "
+            f"{min_corr}: trained in another layout (e.g. pooling or up-sampling after the conv) or not trained")
+    return r
+
+
 def load_autoencoder(path, ndim, filters=PAPER.ae_filters, nb_features=PAPER.ae_nb_feature_layers, name="ae",
-                     inshape=None, frozen=False):
-    """Build an autoencoder of the given topology and load ``path`` into it (checked)."""
+                     inshape=None, frozen=False, probe=None):
+    """Build an autoencoder of the given topology and load ``path`` into it: weight shapes checked, and with
+    ``probe`` (a few images (N, *vol) of the data it will be used on) the layout too (:func:`check_layout`)."""
     model = load_autoencoder_weights(build_autoencoder(ndim, filters, nb_features, name=name, inshape=inshape),
                                      path)
+    if probe is not None:
+        check_layout(model, path, probe)
     return freeze(model) if frozen else model

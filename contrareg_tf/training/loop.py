@@ -23,18 +23,25 @@ random draws come from a checkpointed ``tf.random.Generator``, so a resumed run 
 uninterrupted run would have drawn. (``tf.random.set_seed`` per step would also do it, but it clears TF's kernel
 caches: 10× slower.)
 """
+import csv
 import json
 import math
 import os
+import resource
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
+from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from ..errors import ContraRegInputError, TrainingDiverged
+from ..progress import phase, say
 from ..rng import step_rng  # noqa: F401  (lives in rng.py so data/ can use it; this import path keeps working)
+from .plateau import plateau_reached
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,10 +168,6 @@ def run_loop(step_fn, batch_fn, ckpt, out_dir, iters, ckpt_every, strategy=None,
 
 def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, strategy, resume, progress, desc,
          log_every, max_seconds, chief, on_checkpoint=None):
-    import time
-
-    from tqdm.auto import tqdm
-
     def chief_latest():
         if manager is None:
             return None
@@ -179,12 +182,21 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
     start = int(ckpt.step.numpy())
     t0 = time.time()
     history = []
-    bar = tqdm(range(start, iters), initial=start, total=iters, desc=desc, disable=not progress,
-               dynamic_ncols=True)
-    for step in bar:
+    # the first step traces and compiles the graph (seconds to minutes): its own line, then the bar (or, without
+    # a bar, one line per checkpoint) so that no phase of a training is silent
+    bar = _NoBar()
+    t_last, step_last = time.time(), start
+    for step in range(start, iters):
         try:
-            terms = step_fn(_distribute(strategy, batch_fn(step)))
-            terms = {k: float(v) for k, v in terms.items()}
+            if step == start:
+                with phase(f"{desc}: first step {step + 1} of {iters} (builds the training graph)"):
+                    terms = {k: float(v) for k, v in step_fn(_distribute(strategy, batch_fn(step))).items()}
+                if progress:
+                    bar = tqdm(total=iters, initial=step + 1, desc=desc, dynamic_ncols=True)
+                t_last, step_last = time.time(), step + 1
+            else:
+                terms = {k: float(v) for k, v in step_fn(_distribute(strategy, batch_fn(step))).items()}
+                bar.update(1)
         except tf.errors.InvalidArgumentError as e:
             # a NaN velocity turns into out-of-range gather indices inside vxm's interpolation
             if "indices" not in str(e) and "NaN" not in str(e) and "Inf" not in str(e):
@@ -207,6 +219,11 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
         stop = False
         if manager is not None and ((step + 1) % ckpt_every == 0 or step + 1 == iters or timeout):
             manager.save(checkpoint_number=step + 1)
+            if not progress and step + 1 > step_last:
+                rate = (time.time() - t_last) / (step + 1 - step_last)
+                say(f"{desc}: step {step + 1} of {iters}, " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
+                    + f", {rate:.3g} s/step")
+                t_last, step_last = time.time(), step + 1
             if on_checkpoint is not None:   # the chief decides; the other workers stop with it
                 stop = _on_any_worker(strategy, bool(on_checkpoint(step + 1)) if chief else False)
         if timeout or stop:
@@ -215,6 +232,19 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
     if writer is not None:
         writer.flush()
     return history
+
+
+class _NoBar:
+    """Stands in for the tqdm bar before the first step and without ``progress``."""
+
+    def update(self, n):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
 
 
 def _restore_newest_readable(ckpt, paths):
@@ -251,10 +281,6 @@ def val_curve_callback(out_dir, model, validate, name="val_curve.csv", rule=None
     re-does steps) are replaced, so the file always describes the weights that led to the final model.
     ``rule`` (a ``config.PlateauRule``): the callback returns True once the curve has reached its plateau
     (``training.plateau.plateau_reached``), which ends the run."""
-    import csv
-
-    from ..atomic import atomic_path
-    from .plateau import plateau_reached
 
     path = os.path.join(out_dir, name)
 
@@ -289,6 +315,4 @@ def any_callback(*callbacks):
 def peak_rss_mb():
     """Peak resident memory of this process so far (MB; Linux ``ru_maxrss``), recorded in run cards. A worker
     process that trained several methods reports the peak over all of them."""
-    import resource
-
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
