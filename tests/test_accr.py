@@ -15,6 +15,7 @@ from contrareg_tf.losses import accr as A
 from contrareg_tf.losses.joint import JointSimilarity
 from contrareg_tf.losses.similarity import build_similarity
 from contrareg_tf.networks.accr import CrossModalAttention
+from contrareg_tf.training.registration import setup_registration
 
 SMALL = dataclasses.replace(config.ACCR, widths=(4, 6), feat_channels=5, attn_channels=3, num_patches=24)
 
@@ -212,8 +213,6 @@ def test_protocol_terms_and_gradients(preset, name):
 
 @pytest.mark.slow
 def test_three_training_steps_tiny2d():
-    from contrareg_tf.training.registration import setup_registration
-
     rng = np.random.default_rng(0)
     N, shape = 4, (32, 32)
     t1 = rng.random((N, *shape), np.float32)

@@ -10,6 +10,8 @@ from scipy import ndimage
 from contrareg_tf.config import CORE, get_preset
 from contrareg_tf.losses import core
 from contrareg_tf.losses.joint import JointSimilarity
+from contrareg_tf.networks.encoders import feature_encoder
+from contrareg_tf.training.registration import setup_registration
 from contrareg_tf.losses.similarity import build_similarity
 
 
@@ -92,8 +94,6 @@ def test_equivariant_encoder_scores_lower():
     """A pointwise encoder (Fourier features of the intensity: commutes with any warp, and distinct intensities
     get distinct directions, unlike the image repeated, whose vectors all point the same way) vs a randomly
     initialised convolutional encoder (oriented kernels: not equivariant to a rotation)."""
-    from contrareg_tf.networks.encoders import feature_encoder
-
     rs = np.random.default_rng(2)
     x = tf.constant(np.stack([_smooth_image(rs, (24, 24)) for _ in range(2)])[..., None])
     pointwise = lambda im: tf.concat([f(2 * np.pi * k * im) for k in (1, 2, 3) for f in (tf.cos, tf.sin)], -1)
@@ -154,8 +154,6 @@ def test_fixed_side_is_stop_gradient_and_shared_option():
 
 @pytest.mark.slow
 def test_end_to_end_three_steps(tmp_path):
-    from contrareg_tf.training.registration import setup_registration
-
     rs = np.random.default_rng(0)
     arrays = {k: np.stack([_smooth_image(rs, (32, 32)) for _ in range(4)]) for k in ("t1", "t2")}
     arrays.update(mask1=arrays["t1"] > 0.1, mask2=arrays["t2"] > 0.1)

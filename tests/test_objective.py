@@ -1,7 +1,10 @@
 """λ objective (paper §2–3): numpy transcriptions, vxm Grad as a peer, α switch."""
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
+import voxelmorph as vxm
 
 from contrareg_tf.config import PAPER
 from contrareg_tf.errors import ContraRegInputError
@@ -46,15 +49,12 @@ def test_alpha_switch():
         assert alpha_for(name) == 1.0
     with pytest.raises(ContraRegInputError, match="unknown loss 'mcr\\+randae'"):   # RandAE is a flag
         alpha_for("mcr+randae")
-    import dataclasses
     cfg = dataclasses.replace(PAPER, alpha_contrastive=0.3)
     assert alpha_for("mcr", cfg) == 0.3 and alpha_for("mi", cfg) == 1.0
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_grad_reg_equals_vxm_grad_and_numpy(ndim):
-    import voxelmorph as vxm
-
     rng = np.random.default_rng(ndim)
     shape = [12, 10, 8][:ndim]
     v = rng.normal(size=(3, *shape, ndim)).astype(np.float32)

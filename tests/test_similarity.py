@@ -6,6 +6,8 @@ import tensorflow as tf
 from contrareg_tf.config import PAPER
 from contrareg_tf.errors import ContraRegInputError
 from contrareg_tf.losses import LOSS_NAMES, LossSpec, build_similarity
+from contrareg_tf.networks.autoencoder import build_autoencoder, feature_channels
+from contrareg_tf.networks.heads import build_heads
 
 
 def test_every_loss_name_parses_to_its_flags():
@@ -53,9 +55,6 @@ def test_bidirectional_combinator_averages_the_two_directions_and_adds_mi():
 
 def test_mcr_training_terms_warp_the_masks_with_the_flows():
     """With zero flows the moved-side masks equal the input masks; with a shift of one voxel they move."""
-    from contrareg_tf.networks.autoencoder import build_autoencoder, feature_channels
-    from contrareg_tf.networks.heads import build_heads
-
     filters = (4, 6, 8, 6, 4, 4, 4, 1)
     a1, a2 = (build_autoencoder(2, filters, seed=s) for s in (0, 1))
     chans = feature_channels(filters, 6)

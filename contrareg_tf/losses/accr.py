@@ -81,6 +81,8 @@ from .. import config as _config
 from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
+from ..networks.accr import CrossModalAttention
+from ..networks.encoders import conv_blocks, feature_encoder
 from .mind import neighbourhood
 from .nce import paired_nce
 from .sampling import sample_locations
@@ -151,9 +153,6 @@ class ACCRSimilarity:
     for an exact resume), an int (own generator from that seed) or None (TF's global RNG)."""
 
     def __init__(self, ndim, attention=True, params=None, rng=None, name="accr"):
-        from ..networks.accr import CrossModalAttention
-        from ..networks.encoders import conv_blocks, feature_encoder
-
         p = _config.ACCR if params is None else params
         ndim = int(ndim)
         if ndim not in (2, 3):

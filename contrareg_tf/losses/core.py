@@ -52,9 +52,11 @@ pseudo-label displacements by MSE; here the registration signal is the feature s
 import math
 
 import tensorflow as tf
+import voxelmorph as vxm
 
 from .. import ops
 from ..config import CORE, FOREGROUND_LEVEL, PAPER
+from ..networks.encoders import feature_encoder
 from .nce import nce_terms, valid_mean
 from .sampling import sample_locations
 
@@ -88,7 +90,6 @@ def random_affine(rng, batch, shape, cfg=CORE):
 
 def dense_shift(matrix, shape):
     """(B, n, n+1) affines → (B, *shape, n) voxel shifts (voxelmorph, ij, centred)."""
-    import voxelmorph as vxm
     return tf.stack([vxm.utils.affine_to_dense_shift(matrix[b], list(shape)) for b in range(matrix.shape[0])])
 
 
@@ -114,7 +115,6 @@ class CoRe:
     """The ``JointSimilarity`` object of ``--loss core`` (module docstring)."""
 
     def __init__(self, ndim, cfg=CORE, rng=None, seed=PAPER.seed):
-        from ..networks.encoders import feature_encoder
         self.cfg, self.rng = cfg, rng if rng is not None else tf.random.Generator.from_seed(seed)
         names = ("core_enc",) if cfg.shared_encoder else ("core_enc1", "core_enc2")
         self.encoders = {k: feature_encoder(ndim, cfg.widths, cfg.feat_channels, name=k) for k in names}

@@ -14,14 +14,13 @@ import tensorflow as tf
 from .. import ops
 from ..config import PAPER
 from ..errors import ContraRegInputError
+from .similarity import LossSpec
 
 PENALTIES = ("l2", "l1", "norm")
 
 
 def alpha_for(loss_name, cfg=PAPER):
     """α on L_sim for a ``--loss`` name: ``LossSpec.parse(name).alpha(cfg)`` (0.1 for CR / mCR variants)."""
-    from .similarity import LossSpec
-
     return LossSpec.parse(loss_name).alpha(cfg)
 
 

@@ -11,9 +11,18 @@ Convention: I1 = modality 1 (T1w) of subject a is the *target*, I2 = modality 2 
 """
 import dataclasses
 
-from ..config import PAPER
+import tensorflow as tf
+import voxelmorph as vxm
+
+from ..config import ACCR, CORE, PAPER
 from ..errors import ContraRegInputError
-from .patchnce import score_jobs
+from .accr import build_accr
+from .core import build_core
+from .dns import DNS
+from .mi import LocalMutualInformation, MutualInformation
+from .mind import MIND
+from .ngf import NGF
+from .patchnce import PatchNCE, score_jobs
 
 # the --loss names: Table 1's set A (mcr, cr, mi, lmi, mind, ngf), set C (+mi, +extnegs), DNS, and the two
 # jointly trained representations: CoRe (Kats et al.) and ACCR (the review's proposal; accr-noattn = its ablation
@@ -79,8 +88,7 @@ class LossSpec:
         if self.contrastive:
             return cfg.alpha_contrastive
         if self.joint:
-            from .. import config
-            return (config.CORE if self.base == "core" else config.ACCR).alpha
+            return (CORE if self.base == "core" else ACCR).alpha
         return 1.0
 
 
@@ -90,8 +98,6 @@ def is_contrastive(name) -> bool:
 
 # registry: base -> builder(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed) -> (d12, d21)
 def _patchnce(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
-    from .patchnce import PatchNCE
-
     if ae1 is None or ae2 is None or heads1 is None or heads2 is None:
         raise ContraRegInputError("a contrastive loss needs two autoencoders and two head sets")
     kw = dict(num_patches=cfg.num_patches, tau=cfg.nce_tau, masked=masked, seed=seed)
@@ -106,52 +112,46 @@ def _symmetric(make):
 
 
 def _mi(cfg, *_):
-    from .mi import MutualInformation
     return MutualInformation(bins=cfg.mi_bins)
 
 
 def _lmi(cfg, *_):
-    from .mi import LocalMutualInformation
     return LocalMutualInformation(bins=cfg.lmi_bins, patch=cfg.lmi_patch)
 
 
 def _mind(cfg, *_):
-    from .mind import MIND
     return MIND(distance=cfg.mind_distance, patch=cfg.mind_patch)
 
 
 def _ngf(cfg, *_):
-    from .ngf import NGF
     return NGF()
 
 
 def _dns(cfg, ae1, ae2, heads1, heads2, dns_model, *_):
-    from .dns import DNS
     return DNS(dns_model)      # a MASR-Net model or .h5 path; None = the shipped weights for this ndim
 
 
 def _core(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
-    from .core import build_core
     obj = build_core(cfg, rng=seed)
     return obj, obj
 
 
 def _accr(attention):
     def build(cfg, ae1, ae2, heads1, heads2, dns_model, masked, seed):
-        from .accr import build_accr
         obj = build_accr(cfg, attention=attention, rng=seed)
         return obj, obj
     return build
 
 
-_REGISTRY = {"core": _core, "accr": _accr(True), "accr-noattn": _accr(False), "cr": _patchnce, "mcr": _patchnce, "mi": _symmetric(_mi), "lmi": _symmetric(_lmi),
-             "mind": _symmetric(_mind), "ngf": _symmetric(_ngf), "dns": _symmetric(_dns)}
+_REGISTRY = {"core": _core, "accr": _accr(True), "accr-noattn": _accr(False), "cr": _patchnce, "mcr": _patchnce,
+             "mi": _symmetric(_mi), "lmi": _symmetric(_lmi), "mind": _symmetric(_mind), "ngf": _symmetric(_ngf),
+             "dns": _symmetric(_dns)}
 
 
-def build_similarity(name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None,
+def build_similarity(loss, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None,
                      seed=None) -> "BidirSimilarity":
-    """The one place that maps a ``--loss`` name (or a :class:`LossSpec`) to loss objects."""
-    return BidirSimilarity(name, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=seed)
+    """The one place that maps a ``--loss`` name (parsed here) or a :class:`LossSpec` to loss objects."""
+    return BidirSimilarity(LossSpec.parse(loss), cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=seed)
 
 
 class BidirSimilarity:
@@ -163,8 +163,8 @@ class BidirSimilarity:
     side is T2w so it takes ext2, d21's takes ext1). :meth:`training_terms` builds both from a training
     batch and the network's flows, so the trainer does not need to know which loss it runs."""
 
-    def __init__(self, name, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None, seed=None):
-        self.spec = LossSpec.parse(name)
+    def __init__(self, spec, cfg=PAPER, ae1=None, ae2=None, heads1=None, heads2=None, dns_model=None, seed=None):
+        self.spec = LossSpec.parse(spec)      # a LossSpec (what build_similarity passes) goes through unchanged
         self.name = self.spec.name
         self.heads1, self.heads2 = list(heads1 or []), list(heads2 or [])
         self.heads = self.heads1 + self.heads2
@@ -174,8 +174,6 @@ class BidirSimilarity:
             self.mi = _mi(cfg)
         self._warp_mask = None
         if self.spec.masked:      # vxm's layer, zero outside the image (as the moved images' masks)
-            import voxelmorph as vxm
-
             self._warp_mask = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij",
                                                             fill_value=0.0)
 
@@ -192,12 +190,6 @@ class BidirSimilarity:
         if self.spec.joint:
             items.update(self.d12.checkpoint_items())
         return items
-
-    def _term(self, loss, fixed, moved, mask_f=None, mask_m=None, ext=None):
-        if self.spec.contrastive:
-            masks = None if mask_f is None else (mask_f, mask_m)
-            return loss.compute(fixed, moved, masks=masks, ext=ext if self.spec.ext_negs else None)
-        return loss.loss(fixed, moved)
 
     def _contrastive(self, i1, moved2, i2, moved1, masks12, masks21, e2, e1):
         """(d12, d21) of CR / mCR, both directions at once (heads and PatchNCE terms batched): the same random
@@ -216,9 +208,8 @@ class BidirSimilarity:
         elif self.spec.contrastive:
             pair = (lambda a, b: None if a is None else (a, b))
             d12, d21 = self._contrastive(i1, moved2, i2, moved1, pair(m[0], m[1]), pair(m[2], m[3]), e2, e1)
-        else:
-            d12 = self._term(self.d12, i1, moved2, m[0], m[1], e2)
-            d21 = self._term(self.d21, i2, moved1, m[2], m[3], e1)
+        else:               # MI, local MI, MIND, NGF, DNS: Keras-style losses, no masks or extra images
+            d12, d21 = self.d12.loss(i1, moved2), self.d21.loss(i2, moved1)
         out = {"d12": d12, "d21": d21, "sim": 0.5 * (d12 + d21)}
         if self.spec.add_mi:
             mi = 0.5 * (self.mi.loss(i1, moved2) + self.mi.loss(i2, moved1))
@@ -232,8 +223,6 @@ class BidirSimilarity:
         flows as the images (linear, > 0.5)."""
         masks = None
         if self.spec.masked:
-            import tensorflow as tf
-
             wm2 = tf.cast(self._warp_mask([batch["mask2"], pos_flow]) > 0.5, tf.float32)
             wm1 = tf.cast(self._warp_mask([batch["mask1"], neg_flow]) > 0.5, tf.float32)
             masks = (batch["mask1"], wm2, batch["mask2"], wm1)

@@ -10,10 +10,17 @@ import tensorflow as tf
 
 from ..atomic import write_json
 from ..config import Config
+from ..data.pairs import PairSampler
 from ..errors import ContraRegInputError, ContraRegWarning
 from ..evaluation import lambda_use
-from ..runs import data_spacing, prepare_run_dir, save_trained
-from ..data.pairs import PairSampler
+from ..lock import out_dir_lock
+from ..losses.objective import hyper_loss, velocity_regulariser
+from ..losses.similarity import LossSpec, build_similarity
+from ..networks import autoencoder as ae_mod
+from ..networks.heads import build_heads
+from ..networks.hyper import build_hyper_vxm
+from ..networks.memory import build_options, remat_call
+from ..runs import data_spacing, load_trained_heads, prepare_run_dir, save_trained
 from .loop import (_per_replica_mean, _reduce_terms, any_callback, get_strategy, is_chief, peak_rss_mb, run_loop,
                    set_mixed_precision, val_curve_callback)
 
@@ -21,19 +28,16 @@ from .loop import (_per_replica_mean, _reduce_terms, any_callback, get_strategy,
 # --------------------------------------------------------------------------------------------------------------
 # λ-conditioned registration (paper §2)
 # --------------------------------------------------------------------------------------------------------------
-def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditioning="film", dns_model=None,
+def build_components(cfg, loss, ae1=None, ae2=None, rand_ae=False, conditioning="film", dns_model=None,
                      rng=None):
-    """Model, head sets and the bidirectional similarity for ``loss_name`` (call inside a strategy scope).
-    ``rng``: a ``tf.random.Generator`` for the PatchNCE locations (checkpointed, so resume is exact)."""
-    from ..losses.similarity import LossSpec, build_similarity
-    from ..networks import autoencoder as ae_mod
-    from ..networks.heads import build_heads
-    from ..networks.hyper import build_hyper_vxm
-
+    """Model, head sets and the bidirectional similarity for ``loss`` (a ``--loss`` name or its parsed
+    ``LossSpec``; call inside a strategy scope). ``rng``: a ``tf.random.Generator`` for the PatchNCE locations
+    (checkpointed, so resume is exact)."""
+    spec = LossSpec.parse(loss)     # a LossSpec passes through unchanged
     ndim = len(cfg.inshape)
     model = build_hyper_vxm(cfg, conditioning=conditioning)
     heads1 = heads2 = None
-    if LossSpec.parse(loss_name).contrastive:
+    if spec.contrastive:
         aes = []
         for k, src in enumerate((ae1, ae2)):
             if rand_ae:
@@ -41,7 +45,7 @@ def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditio
             elif isinstance(src, (str, os.PathLike)):
                 a = ae_mod.load_autoencoder(src, ndim, filters=cfg.ae_filters)
             elif src is None:
-                raise ContraRegInputError(f"loss {loss_name!r} needs --ae1/--ae2 autoencoder weights or --rand-ae")
+                raise ContraRegInputError(f"loss {spec.name!r} needs --ae1/--ae2 autoencoder weights or --rand-ae")
             else:
                 a = src
             aes.append(ae_mod.freeze(a))
@@ -49,7 +53,7 @@ def build_components(cfg, loss_name, ae1=None, ae2=None, rand_ae=False, conditio
         chans = ae_mod.feature_channels(cfg.ae_filters, cfg.ae_nb_feature_layers)
         heads1 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads1")
         heads2 = build_heads(chans, units=cfg.head_units, nb_layers=cfg.head_layers, name="heads2")
-    sim = build_similarity(loss_name, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=rng)
+    sim = build_similarity(spec, cfg, ae1, ae2, heads1, heads2, dns_model=dns_model, seed=rng)
     return model, heads1, heads2, sim
 
 
@@ -63,9 +67,6 @@ def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, j
     ``BidirSimilarity``) takes what it needs from the batch (masks, ExtNegs images). ``remat``: the forward pass
     recomputes the full-resolution U-Net blocks in the backward pass (``networks.memory.remat_call``; same
     values, less memory). A ``LossScaleOptimizer`` (mixed precision) gets its loss scaled and gradients unscaled."""
-    from ..losses.objective import hyper_loss
-    from ..networks.memory import remat_call
-
     if remat:
         r = model.references
         train_model = remat_call(model, [r.y_source, r.y_target, r.preint_flow, r.pos_flow, r.neg_flow])
@@ -100,8 +101,9 @@ def make_train_step(model, sim, reg, alpha, optimizer, strategy, global_batch, j
     return step
 
 
-def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
-    """Train the λ-conditioned network (paper §2–3) on ``train_arrays`` = dict with stacks ``t1``, ``t2``
+def train_hyper(cfg: Config, loss, out_dir, train_arrays, **kwargs):
+    """Train the λ-conditioned network (paper §2–3) with the similarity ``loss`` (a ``--loss`` name or its
+    ``LossSpec``) on ``train_arrays`` = dict with stacks ``t1``, ``t2``
     (N, *inshape) and optional ``mask1``/``mask2``. Writes ``out_dir/{config.json, ckpt/, tb/, model.h5,
     heads1.h5, heads2.h5, card.json}``; returns the history (list of dicts). Keyword arguments: ae1, ae2,
     rand_ae, heads, iters, lr, batch_size, resume, strategy, conditioning, mixed_precision, xla, dns_model,
@@ -114,12 +116,10 @@ def train_hyper(cfg: Config, loss_name, out_dir, train_arrays, **kwargs):
     written). ``out_dir`` is locked for the run (``lock.py``: a second run into it is refused).
     ``strategy="multiworker"``: every worker of the ``TF_CONFIG`` cluster calls this with the same arguments and
     ``out_dir``; only the chief writes into it (``loop.run_loop``)."""
-    from ..lock import out_dir_lock
-
     if kwargs.get("strategy") == "multiworker":
         get_strategy("multiworker")  # first: it names this worker's lock (train.lock on the chief only)
     with out_dir_lock(out_dir, kwargs.get("command")):
-        return _train_hyper(cfg, loss_name, out_dir, train_arrays, **kwargs)
+        return _train_hyper(cfg, LossSpec.parse(loss), out_dir, train_arrays, **kwargs)
 
 
 @dataclasses.dataclass
@@ -139,18 +139,16 @@ class RegistrationSetup:
     batch_size: int
 
 
-def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None, rand_ae=False, lr=None,
+def setup_registration(cfg: Config, loss, train_arrays, ae1=None, ae2=None, rand_ae=False, lr=None,
                        batch_size=None, strategy="default", conditioning="film", mixed_precision=False, xla=False,
                        dns_model=None, reg_penalty=None, heads=None, remat=False) -> RegistrationSetup:
-    """Model, heads, similarity, Adam, checkpoint, the traced step and the pair sampler for ``loss_name``.
+    """Model, heads, similarity, Adam, checkpoint, the traced step and the pair sampler for ``loss`` (a
+    ``--loss`` name, parsed here once, or its ``LossSpec``).
     ``heads``: folder of pretrained ``heads1.h5``/``heads2.h5`` (SupPretrain) for a contrastive loss.
     Memory switches (``networks/memory.py``, off = the paper's setting): ``mixed_precision`` = the U-Net in
     float16 (integration, warps, autoencoders, heads and losses float32; dynamic loss scaling), ``remat`` =
     full-resolution U-Net blocks recomputed in the backward pass, ``xla`` = the step XLA-compiled."""
-    from ..losses.objective import velocity_regulariser
-    from ..losses.similarity import LossSpec
-    from ..networks.memory import build_options
-
+    spec = LossSpec.parse(loss)
     lr = float(lr or cfg.lr)
     batch_size = int(batch_size or cfg.batch_size)
     if tuple(train_arrays["t1"].shape[1:]) != tuple(cfg.inshape):
@@ -160,17 +158,15 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
     # autoencoders, heads, PatchNCE logits / τ and MI histograms built after it stay float32
     set_mixed_precision(False)
     strat = get_strategy(strategy)
-    spec = LossSpec.parse(loss_name)
     tf.keras.utils.set_random_seed(cfg.seed)  # same initial weights for the same seed (exact resume / re-runs)
     with strat.scope():
         rng = tf.random.Generator.from_seed(cfg.seed)
         with build_options(mixed_precision=mixed_precision):
-            model, heads1, heads2, sim = build_components(cfg, loss_name, ae1, ae2, rand_ae, conditioning,
+            model, heads1, heads2, sim = build_components(cfg, spec, ae1, ae2, rand_ae, conditioning,
                                                           dns_model, rng=rng)
         if heads is not None:
             if heads1 is None:
-                raise ContraRegInputError(f"--heads: loss {loss_name!r} has no PatchNCE heads")
-            from ..runs import load_trained_heads
+                raise ContraRegInputError(f"--heads: loss {spec.name!r} has no PatchNCE heads")
             load_trained_heads(heads, heads1, heads2)
         optimizer = tf.keras.optimizers.Adam(lr)
         if mixed_precision:  # float16 gradients underflow without it (Keras's dynamic loss scaling)
@@ -183,7 +179,7 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
         step = make_train_step(model, sim, reg, spec.alpha(cfg), optimizer, strat,
                                global_batch=batch_size, jit=xla, remat=remat)
     if spec.needs_labels and train_arrays.get("labels") is None:
-        raise ContraRegInputError(f"loss {loss_name!r} needs label maps of the training subjects")
+        raise ContraRegInputError(f"loss {spec.name!r} needs label maps of the training subjects")
     sampler = PairSampler(train_arrays["t1"], train_arrays["t2"], train_arrays.get("mask1"),
                           train_arrays.get("mask2"), batch_size=batch_size, seed=cfg.seed, ext=spec.needs_ext,
                           labels=train_arrays.get("labels") if spec.needs_labels else None,
@@ -191,16 +187,16 @@ def setup_registration(cfg: Config, loss_name, train_arrays, ae1=None, ae2=None,
     return RegistrationSetup(model, heads1, heads2, sim, optimizer, ckpt, step, sampler, strat, lr, batch_size)
 
 
-def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
+def _train_hyper(cfg: Config, spec: LossSpec, out_dir, train_arrays, ae1=None, ae2=None, rand_ae=False, iters=None,
                  lr=None, batch_size=None, resume=False, strategy="default", conditioning="film",
                  mixed_precision=False, xla=False, dns_model=None, progress=True, reg_penalty=None,
                  command=None, heads=None, validate=None, monitor=None, overwrite=False, remat=False):
     iters = int(cfg.iters if iters is None else iters)
     os.makedirs(out_dir, exist_ok=True)
-    s = setup_registration(cfg, loss_name, train_arrays, ae1, ae2, rand_ae, lr, batch_size, strategy, conditioning,
+    s = setup_registration(cfg, spec, train_arrays, ae1, ae2, rand_ae, lr, batch_size, strategy, conditioning,
                            mixed_precision, xla, dns_model, reg_penalty, heads, remat=remat)
     lr, batch_size, model, heads1, heads2 = s.lr, s.batch_size, s.model, s.heads1, s.heads2
-    meta = {"config": dataclasses.asdict(cfg), "loss": loss_name, "conditioning": conditioning,
+    meta = {"config": dataclasses.asdict(cfg), "loss": spec.name, "conditioning": conditioning,
             "rand_ae": bool(rand_ae), "ae1": str(ae1) if isinstance(ae1, (str, os.PathLike)) else None,
             "ae2": str(ae2) if isinstance(ae2, (str, os.PathLike)) else None, "lr": lr, "iters": iters,
             "batch_size": batch_size, "reg_penalty": reg_penalty or cfg.reg_penalty, "command": command,
@@ -219,7 +215,7 @@ def _train_hyper(cfg: Config, loss_name, out_dir, train_arrays, ae1=None, ae2=No
         val_curve_callback(out_dir, model, validate) if validate else None,
         val_curve_callback(out_dir, model, monitor[0], "monitor_curve.csv", rule=monitor[1]) if monitor else None)
     history = run_loop(s.step, s.sampler.batch, s.ckpt, out_dir, iters, cfg.ckpt_every, s.strategy, resume,
-                       progress, desc=f"train {loss_name}", on_checkpoint=on_checkpoint)
+                       progress, desc=f"train {spec.name}", on_checkpoint=on_checkpoint)
     elapsed = time.time() - t0
     final_step = int(s.ckpt.step.numpy())
     if monitor:
