@@ -35,13 +35,13 @@ sys.path.insert(0, ROOT)
 
 from contrareg_tf import evaluation, experiment, stats  # noqa: E402
 from contrareg_tf.atomic import write_json  # noqa: E402
-from contrareg_tf.data import proxy  # noqa: E402
+from contrareg_tf.data import proxy_stats  # noqa: E402
 from contrareg_tf.losses.similarity import is_contrastive  # noqa: E402
 from contrareg_tf.metrics import dice30  # noqa: E402
 from contrareg_tf.runs import load_trained  # noqa: E402
 from contrareg_tf.training import train_hyper  # noqa: E402
-from contrareg_tf.config import (CONVERGE, FOLD_BUDGET, LAMBDAS_17, TABLE1_A, VAL_CURVE_LAMBDA,  # noqa: E402
-                                 get_preset)
+from contrareg_tf.config import (CONVERGE, FOLD_BUDGET, HYP_ACTIVATIONS, LAMBDAS_17, TABLE1_A,  # noqa: E402
+                                 VAL_CURVE_LAMBDA, get_preset)
 
 BASELINES = ("mi", "lmi", "mind", "ngf")
 LABELS = {"mcr": "mCR", "cr": "CR", "mi": "MI", "lmi": "local MI", "mind": "MIND", "ngf": "NGF"}
@@ -94,10 +94,10 @@ def _monitor(cfg, desc, tag):
     return fn
 
 
-def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps):
+def run_job(preset, method, seed, run_dir, res_dir, ae_pair, resume, max_steps, overrides=None):
     """Train ``method`` with training seed ``seed`` into ``run_dir`` and write its results folder ``res_dir``."""
     cfg = get_preset(preset)                       # data and test pairs: the preset's seed
-    run_cfg = dataclasses.replace(cfg, seed=seed, iters=max_steps, ckpt_every=CONVERGE.check_every)
+    run_cfg = dataclasses.replace(cfg, seed=seed, iters=max_steps, ckpt_every=CONVERGE.check_every, **(overrides or {}))
     desc = experiment.resolve_data(cfg)
     tag = f"{method} s{seed}"
     t0 = time.time()
@@ -329,14 +329,20 @@ def main():
     p.add_argument("--results", help="results folder (default bench/results/converge_<preset>)")
     p.add_argument("--resume", action="store_true", help="continue interrupted trainings from their checkpoints")
     p.add_argument("--report", action="store_true", help="only rewrite the report from finished results")
+    p.add_argument("--hyp-activation", choices=HYP_ACTIVATIONS, help="ablation: the hypernetwork's activation "
+                   "(runs, results and report get the suffix _hyp-<activation>)")
     a = p.parse_args()
     cfg = get_preset(a.preset)
-    out = a.out or os.path.join(ROOT, "runs", f"converge_{a.preset}")
-    res_root = a.results or os.path.join(ROOT, "bench", "results", f"converge_{a.preset}")
+    overrides = {"hyp_activation": a.hyp_activation} if a.hyp_activation else {}
+    study = f"{a.preset}" + "".join(f"_hyp-{v}" for v in overrides.values())
+    out = a.out or os.path.join(ROOT, "runs", f"converge_{study}")
+    res_root = a.results or os.path.join(ROOT, "bench", "results", f"converge_{study}")
     os.makedirs(res_root, exist_ok=True)
     t0 = time.time()
     desc = experiment.resolve_data(cfg)
-    ae_pair = tuple(os.path.join(res_root, f"ae_{m}.h5") for m in ("t1", "t2"))
+    # the autoencoders are the study's, shared by its ablations (each would otherwise train its own pair)
+    ae_root = os.path.join(os.path.dirname(res_root), f"converge_{a.preset}")
+    ae_pair = tuple(os.path.join(ae_root, f"ae_{m}.h5") for m in ("t1", "t2"))
     def done(m, s):
         card = os.path.join(res_root, f"{m}_s{s}", "card.json")
         return os.path.isfile(card) and finished(_read_json(card), a.max_steps)
@@ -351,13 +357,13 @@ def main():
                                       for mod, path in todo]):
                 _log(f"autoencoder written: {f.result()}")
             futures = {pool.submit(run_job, a.preset, m, s, os.path.join(out, f"{m}_s{s}"),
-                                   os.path.join(res_root, f"{m}_s{s}"), ae_pair, a.resume, a.max_steps): (m, s)
+                                   os.path.join(res_root, f"{m}_s{s}"), ae_pair, a.resume, a.max_steps, overrides): (m, s)
                        for m, s in jobs}
             for f in cf.as_completed(futures):
                 f.result()
     test = experiment.make_test_pairs(experiment.split_arrays(desc, "test", cfg), None, seed=cfg.seed)
     before = float(np.mean(evaluation.pair_dice_before(test)))
-    ceiling = proxy.dice_ceiling(desc, split="test", n_pairs=None)["mean"]
+    ceiling = proxy_stats.dice_ceiling(desc, split="test", n_pairs=None)["mean"]
     _fill_lambda_use(res_root, out, a.methods, a.seeds)
     body, figs = report(res_root, a.methods, a.seeds, a.preset, before, ceiling)
     today = datetime.date.today().isoformat()
@@ -370,11 +376,12 @@ def main():
             f"less than {r.min_gain}; cap {a.max_steps} steps. Monitor: Dice at λ = {VAL_CURVE_LAMBDA:g} on "
             f"{r.monitor_pairs} fixed pairs of training subjects; the plateau must hold at {r.patience} consecutive checks. "
             "† = stopped under an earlier rule (patience 1, cap 10000; its card records no rule). "
-            "Learning rate, batch and network: the preset's. "
+            "Learning rate, batch and network: the preset's" + ("" if not overrides else ", except "
+            + ", ".join(f"{k} = {v}" for k, v in overrides.items()) + " (an ablation, not the paper)") + ". "
             f"Table 1: λ selected on the seed-mean curve (best Dice with mean % folds < {FOLD_BUDGET}); Dice ± std over "
             "(test pair × seed).", ""]
     text = "\n".join(head) + body + "\n\nFigures: " + ", ".join(f"`{os.path.basename(f)}`" for f in figs) + "\n"
-    path = os.path.join(os.path.dirname(res_root), f"table1_converged_{a.preset}.md")
+    path = os.path.join(os.path.dirname(res_root), f"table1_converged_{study}.md")
     with open(path, "w") as f:
         f.write(text)
     print(text)

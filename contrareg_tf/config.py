@@ -31,6 +31,8 @@ INTENSITY_PERCENTILES = (0.5, 99.5)
 # paper layout (networks.autoencoder.check_layout): paper-layout AEs give >= 0.98, the same weight shapes trained
 # with pooling / up-sampling after the conv 0.70-0.75, random weights <= 0.25 (bench/results/ae_layout_probe.md)
 AE_LAYOUT_MIN_CORR = 0.9
+# the hypernetwork's activations (Config.hyp_activation)
+HYP_ACTIVATIONS = ("relu", "leaky_relu")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class Config:
     # FiLM hypernetwork (paper §2; Mok & Chung 2021)
     hyp_layers: int = 4
     hyp_units: int = 128
+    # 'relu' = the paper's / HyperMorph's MLP. With a scalar λ input and zero initial biases every ReLU unit is 0 at
+    # λ = 0 and one with a negative weight is dead on all of [0, 1]; 'leaky_relu' (slope 0.2, as the U-Net's) keeps
+    # each unit's gradient there: an ablation of the converged study's collapsed conditioning, not the paper
+    hyp_activation: str = "relu"
     film_l2: float = 1e-5
     # objective
     alpha_contrastive: float = 0.1                # α on L_sim for CR / mCR
@@ -154,11 +160,11 @@ class IOConfig:
     int_steps: int = 7                            # scaling-and-squaring steps of the displacement (not in the paper)
     diffeomorphic: bool = False                   # optimise a stationary velocity field (integrated, int_steps)
     # keep the deformable stage: "on" (the paper), "off", or "auto" = only when it lowers its own data term by more
-    # than the fraction deformable_min_gain of its value after the pre-alignment (instance_opt/decision.py). 0.4:
-    # MIND-SSC at 3 mm, aligned T1w/T2w of one subject 0.11-0.24 (fitting contrast / bias differences), warped
-    # pairs 0.62-0.71 (bench/results/io_intrasubject_*.md)
+    # than the fraction deformable_min_gain of its value after the pre-alignment (instance_opt/decision.py). 0.5:
+    # MIND-SSC at 3 mm, one subject's T1w/T2w aligned 0.11-0.24, after a rigid offset + ANTs affine 0.24-0.46,
+    # warped pairs 0.54-0.71 (bench/results/io_intrasubject_*.md)
     deformable: str = "auto"
-    deformable_min_gain: float = 0.4
+    deformable_min_gain: float = 0.5
 
     def schedule(self) -> dict:
         """The ``instance_opt.instance_optimise`` keyword arguments of this preset."""

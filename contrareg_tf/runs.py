@@ -179,6 +179,17 @@ def _differences(old, new, prefix=""):
     return out
 
 
+def _with_field_defaults(meta):
+    """``meta`` whose ``config`` has every ``Config`` field: one written before a field existed ran with the
+    field's declared default (a later option such as ``hyp_activation`` does not make an old run another run)."""
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict):
+        return meta
+    defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
+    filled = {**json.loads(json.dumps(defaults)), **cfg}
+    return {**meta, "config": filled}
+
+
 def prepare_run_dir(out_dir, meta, resume=False, overwrite=False, inputs=()):
     """Check what a training run about to write ``meta`` (its ``config.json``) into ``out_dir`` may do there,
     before anything is written. A folder holding a run (its ``config.json`` or checkpoints) is refused unless
@@ -218,6 +229,6 @@ def prepare_run_dir(out_dir, meta, resume=False, overwrite=False, inputs=()):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ContraRegInputError(f"{cfg_path}: cannot read the run to resume ({type(e).__name__}: {e})") from None
-    diff = _differences(old, json.loads(json.dumps(meta)))
+    diff = _differences(_with_field_defaults(old), json.loads(json.dumps(meta)))
     if diff:
         raise ContraRegInputError(f"--resume {out_dir}: not the same run — " + "; ".join(diff))

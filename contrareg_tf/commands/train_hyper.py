@@ -30,6 +30,7 @@ import sys
 
 from contrareg_tf.cli import console, int_steps, nonnegative_int, positive_float, positive_int
 from contrareg_tf.compat import deterministic_ops
+from contrareg_tf.config import HYP_ACTIVATIONS
 from contrareg_tf.errors import ContraRegInputError
 
 
@@ -61,6 +62,8 @@ def parse(argv):
     p.add_argument("--ckpt-every", type=positive_int)
     p.add_argument("--seed", type=nonnegative_int)
     p.add_argument("--conditioning", default="film", choices=("film", "hyperconv"))
+    p.add_argument("--hyp-activation", choices=HYP_ACTIVATIONS, help="hypernetwork activation (paper: relu; "
+                   "leaky_relu keeps units alive at small λ, an ablation)")
     p.add_argument("--reg-penalty", choices=("l2", "norm"), help="L_reg on v: 'l2' = Grad('l2') (default), "
                    "'norm' = mean v²")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
@@ -88,7 +91,8 @@ def main(argv=None):
         raise ContraRegInputError("--resume and --overwrite exclude each other")
     cfg = get_preset(args.preset)
     over = {k: v for k, v in dict(ch=args.ch, int_steps=args.int_steps, num_patches=args.num_patches,
-                                  ckpt_every=args.ckpt_every, seed=args.seed).items() if v is not None}
+                                  ckpt_every=args.ckpt_every, seed=args.seed,
+                                  hyp_activation=args.hyp_activation).items() if v is not None}
     cfg = dataclasses.replace(cfg, **over)
     command = " ".join(sys.argv)
     if args.strategy == "multiworker":

@@ -33,7 +33,7 @@ import neurite as ne
 import voxelmorph as vxm
 from voxelmorph.tf import networks as _vxm_networks
 
-from ..config import PAPER, Config
+from ..config import HYP_ACTIVATIONS, PAPER, Config
 from ..errors import ContraRegInputError
 from ..ops import check_image, warp_array as warp  # noqa: F401  (warp: public re-export)
 from .layers import FiLM, NearestUpsample
@@ -46,12 +46,19 @@ CONDITIONINGS = ("film", "hyperconv")
 # private blocks
 # ---------------------------------------------------------------------------------------------------------
 
-def _hypernet(nb_layers, nb_units, name):
-    """λ (B, 1) → nb_layers × Dense(nb_units, relu): the shared embedding (paper §2)."""
+def _hypernet(nb_layers, nb_units, name, activation="relu"):
+    """λ (B, 1) → nb_layers × Dense(nb_units, activation): the shared embedding (paper §2: ReLU;
+    ``leaky_relu``: slope 0.2, ``config.Config.hyp_activation`` says why)."""
+    if activation not in HYP_ACTIVATIONS:
+        raise ContraRegInputError(f"hyp_activation {activation!r}: choose one of {', '.join(HYP_ACTIVATIONS)}")
     lam = tf.keras.Input(shape=(1,), name=f"{name}_hyp_input")
     last = lam
     for n in range(nb_layers):
-        last = tf.keras.layers.Dense(nb_units, activation="relu", name=f"{name}_hyp_dense_{n + 1}")(last)
+        if activation == "relu":
+            last = tf.keras.layers.Dense(nb_units, activation="relu", name=f"{name}_hyp_dense_{n + 1}")(last)
+        else:
+            last = tf.keras.layers.Dense(nb_units, name=f"{name}_hyp_dense_{n + 1}")(last)
+            last = tf.keras.layers.LeakyReLU(0.2, name=f"{name}_hyp_act_{n + 1}")(last)
     return tf.keras.Model(lam, last, name=f"{name}_hypernet")
 
 
@@ -150,7 +157,7 @@ class FiLMVxmDense(ne.modelio.LoadableModel):
     def __init__(self, inshape, ch=PAPER.ch, nb_levels=PAPER.nb_levels, int_steps=PAPER.int_steps,
                  int_resolution=PAPER.int_resolution, bidir=PAPER.bidir, hyp_layers=PAPER.hyp_layers,
                  hyp_units=PAPER.hyp_units, film_l2=PAPER.film_l2, conditioning="film", mixed_precision=None,
-                 name=None):
+                 name=None, hyp_activation=PAPER.hyp_activation):
         # mixed_precision: None = the enclosing ``memory.build_options`` (float32 outside one); True = the
         # U-Net in float16, integration / warps float32 (networks/memory.py)
         if mixed_precision is None:
@@ -160,7 +167,7 @@ class FiLMVxmDense(ne.modelio.LoadableModel):
             name = "film_vxm_dense" if conditioning == "film" else "hyper_vxm_dense"
         ch, nb_levels = int(ch), int(nb_levels)
         nb_features = [[ch] * (nb_levels - 1), [ch] * (nb_levels - 1) + [ch] * 3]
-        hyp_model = _hypernet(int(hyp_layers), int(hyp_units), name)
+        hyp_model = _hypernet(int(hyp_layers), int(hyp_units), name, str(hyp_activation))
 
         film_blocks = []
         block = (_make_film_conv_block(float(film_l2), film_blocks) if conditioning == "film"
@@ -226,7 +233,7 @@ def build_hyper_vxm(config: Config = PAPER, conditioning="film", name=None):
     return FiLMVxmDense(tuple(config.inshape), ch=config.ch, nb_levels=config.nb_levels,
                         int_steps=config.int_steps, int_resolution=config.int_resolution, bidir=config.bidir,
                         hyp_layers=config.hyp_layers, hyp_units=config.hyp_units, film_l2=config.film_l2,
-                        conditioning=conditioning, name=name)
+                        conditioning=conditioning, name=name, hyp_activation=config.hyp_activation)
 
 
 # ---------------------------------------------------------------------------------------------------------
