@@ -88,6 +88,17 @@ def positive_ints(text):
 int_steps = _number(int, 0, True, 64)
 
 
+def add_grid_options(p, inshape=True):
+    """``--inshape`` / ``--spacing`` of a command that reads ``--data`` (``data.grid.grid_config`` applies them)."""
+    if inshape:
+        p.add_argument("--inshape", type=positive_int, nargs="+", metavar="N",
+                       help="model grid of --data (default: the preset's); scans are centre-cropped / padded to it "
+                       "unless --spacing is given")
+    p.add_argument("--spacing", type=positive_float, metavar="MM",
+                   help="resample --data in physical space to this voxel size (mm)" + (" on the --inshape grid"
+                   if inshape else "") + ", centred on each subject's brain (default: keep the files' voxels)")
+
+
 def add_pair_outputs(p):
     """Options both registration commands share: labels in and out, affine pre-alignment, the ITK export."""
     p.add_argument("--moving-labels", help="label map of the moving image")

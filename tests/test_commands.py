@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from contrareg_tf.errors import ContraRegInputError
+
 COMMANDS = ["reproduce_table1", "train_hyper", "eval_hyper", "register", "instance_opt", "train_autoencoder",
             "train_dns"]
 
@@ -89,3 +91,17 @@ def test_numbers_out_of_range_are_one_usage_error(name, argv, flag, capsys):
     err = capsys.readouterr().err.strip().splitlines()
 
     assert f"argument {flag}" in err[-1]
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("train_hyper", ["--loss", "mi", "--preset", "tiny3d", "--inshape", "32", "32", "32"]),
+    ("train_autoencoder", ["--modality", "t1", "--preset", "tiny3d", "--data", "{data}", "--subjects", "4"]),
+    ("reproduce_table1", ["--preset", "tiny3d", "--spacing", "2"]),
+    ("eval_hyper", ["--runs", "r", "--spacing", "2"]),
+])
+def test_grid_options_need_data_and_write_nothing(name, argv, tmp_path):
+    out = tmp_path / "out"
+    argv = [a.replace("{data}", str(tmp_path / "d.csv")) for a in argv] + ["--out", str(out)]
+    with pytest.raises(ContraRegInputError, match="--data"):
+        _module(name).main(argv)
+    assert not out.exists()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from contrareg_tf import experiment
+from contrareg_tf.cli import add_grid_options
 from contrareg_tf.config import GRID_OUTSIDE_WARN, get_preset
 from contrareg_tf.data import dataset, grid, pairs
 from contrareg_tf.errors import ContraRegInputError, ContraRegWarning
@@ -141,7 +142,7 @@ def _args(**kw):
 
 def test_grid_arguments():
     p = argparse.ArgumentParser()
-    grid.add_grid_arguments(p)
+    add_grid_options(p)
     a = p.parse_args(["--inshape", "32", "32", "32", "--spacing", "2"])
     a.data = "d.csv"
     cfg, sp = grid.grid_config(get_preset("tiny3d"), a)

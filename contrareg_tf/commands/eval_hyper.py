@@ -5,9 +5,10 @@
 """
 import argparse
 
-from contrareg_tf.cli import console, percent, positive_int
+from contrareg_tf.cli import add_grid_options, console, percent, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import FOLD_BUDGET
+from contrareg_tf.errors import ContraRegInputError
 
 
 
@@ -16,6 +17,7 @@ def parse(argv):
     p.add_argument("--runs", nargs="+", required=True, help="train_hyper.py output folders (one per method)")
     p.add_argument("--out", required=True, help="folder for CSVs, table1.md/csv, fig3.png, fig2.png")
     p.add_argument("--data", default=None, help="data-set description; default: the built-in proxy of the runs")
+    add_grid_options(p, inshape=False)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--pairs", type=positive_int, default=None, help="number of test pairs (default: all ordered pairs)")
     p.add_argument("--max-folds", type=percent, default=FOLD_BUDGET, help="Table 1 folding budget, %% of voxels")
@@ -27,9 +29,12 @@ def main(argv=None):
     a = parse(argv)
     from contrareg_tf import experiment
 
+    if a.spacing is not None and a.data is None:
+        raise ContraRegInputError("--spacing applies to --data; the built-in data is built on the runs' grid")
     deterministic_ops(0)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     table_md = experiment.evaluate_runs(a.runs, a.out, data=a.data, split=a.split, n_pairs=a.pairs,
-                                        budget=a.max_folds, progress=not a.no_progress)
+                                        budget=a.max_folds, progress=not a.no_progress,
+                                        spacing=a.spacing)
     print(table_md)
     return 0
 

@@ -17,9 +17,10 @@ method, evaluates the 17 λ values, prints Table 1 and writes table1.md/csv, fig
 import argparse
 import dataclasses
 
-from contrareg_tf.cli import console, positive_int
+from contrareg_tf.cli import add_grid_options, console, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import TABLE1_A
+from contrareg_tf.data.grid import grid_config
 
 
 
@@ -29,6 +30,7 @@ def parse(argv):
     p.add_argument("--preset", default="cpu-demo")
     p.add_argument("--out", default="runs/table1")
     p.add_argument("--data", default=None, help="data-set description; default: built-in data")
+    add_grid_options(p)
     p.add_argument("--data-source", help="built-in data: icbm2009c (default; real T1w/T2w + CerebrA) or "
                    "mni2009a-synth (T2w rendered from tissue maps)")
     p.add_argument("--methods", nargs="+", default=None, help=f"losses, one plain row each (default: "
@@ -60,11 +62,12 @@ def main(argv=None):
     cfg = get_preset(a.preset)
     if a.data_source:
         cfg = dataclasses.replace(cfg, data_source=a.data_source)
+    cfg, spacing = grid_config(cfg, a)
     deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     table_md = experiment.reproduce_table1(cfg, a.out, methods=a.methods or list(TABLE1_A), rows=rows, data=a.data,
                                            iters=a.iters, ae_iters=a.ae_iters, ae1=a.ae1, ae2=a.ae2,
                                            n_pairs=a.pairs, resume=a.resume, progress=not a.no_progress,
-                                           workers=a.workers)
+                                           workers=a.workers, spacing=spacing)
     print(table_md)
     return 0
 

@@ -13,6 +13,8 @@ import sys
 
 from contrareg_tf.cli import console, nonnegative_int, positive_float, positive_int, positive_ints
 from contrareg_tf.compat import deterministic_ops
+from contrareg_tf.data.grid import grid_config
+from contrareg_tf.errors import ContraRegInputError
 
 
 
@@ -25,8 +27,10 @@ def parse(argv):
     p.add_argument("--preset", default="paper")
     p.add_argument("--data", default=None, help="data-set description (CSV or folder); default: built-in proxy")
     p.add_argument("--data-source", help="built-in data: icbm2009c (default) or mni2009a-synth")
-    p.add_argument("--grid", type=positive_ints, help="built-in data grid, e.g. 96,112,96 (default: the preset's)")
-    p.add_argument("--spacing", type=positive_float, help="built-in data spacing in mm (default: the preset's)")
+    p.add_argument("--grid", type=positive_ints, help="grid, e.g. 96,112,96 (default: the preset's): of the built-in data, or with --data the "
+                   "model grid its scans are centre-cropped / padded (or with --spacing resampled) to")
+    p.add_argument("--spacing", type=positive_float, help="voxel size in mm: of the built-in data (default: the preset's), or with --data the "
+                   "physical-space resampling of its scans, centred on each brain (default: keep the files' voxels)")
     p.add_argument("--crop", type=positive_ints, help="training crop, e.g. 64,64,64 (default: the preset's ae_crop)")
     p.add_argument("--subjects", type=positive_int, help="built-in data subjects (default: the preset's)")
     p.add_argument("--iters", type=positive_int)
@@ -50,12 +54,19 @@ def main(argv=None):
     cfg = get_preset(args.preset)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
-    over = dict(data_source=args.data_source, inshape=args.grid, spacing=args.spacing, ae_crop=args.crop,
-                proxy_subjects=args.subjects)
+    spacing = None
+    if args.data is not None:       # a user's scans: the grid and voxel size they are brought to (data/grid.py)
+        if args.subjects is not None or args.data_source is not None:
+            raise ContraRegInputError("--subjects / --data-source describe the built-in data, not --data")
+        cfg, spacing = grid_config(cfg, argparse.Namespace(data=args.data, inshape=args.grid, spacing=args.spacing))
+        over = dict(ae_crop=args.crop)
+    else:
+        over = dict(data_source=args.data_source, inshape=args.grid, spacing=args.spacing, ae_crop=args.crop,
+                    proxy_subjects=args.subjects)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in over.items() if v is not None})
     deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     kw = dict(data=args.data, iters=args.iters, lr=args.lr, batch_size=args.batch_size, resume=args.resume,
-              progress=not args.no_progress, command=" ".join(sys.argv))
+              progress=not args.no_progress, command=" ".join(sys.argv), spacing=spacing)
     if args.sup_pretrain:
         experiment.sup_pretrain(cfg, args.out, **kw)
     else:

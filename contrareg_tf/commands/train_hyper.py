@@ -28,9 +28,10 @@ import argparse
 import dataclasses
 import sys
 
-from contrareg_tf.cli import console, int_steps, nonnegative_int, positive_float, positive_int
+from contrareg_tf.cli import add_grid_options, console, int_steps, nonnegative_int, positive_float, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import HYP_ACTIVATIONS
+from contrareg_tf.data.grid import grid_config
 from contrareg_tf.errors import ContraRegInputError
 
 
@@ -47,6 +48,7 @@ def parse(argv):
     p.add_argument("--out", required=True, help="output folder (checkpoints, TensorBoard, model.h5, card.json)")
     p.add_argument("--preset", default="paper", help="named configuration (contrareg_tf.config.PRESETS)")
     p.add_argument("--data", default=None, help="data-set description (CSV or folder); default: built-in proxy")
+    add_grid_options(p)
     p.add_argument("--ae1", help="T1w autoencoder .h5 (contrastive losses)")
     p.add_argument("--ae2", help="T2w autoencoder .h5 (contrastive losses)")
     p.add_argument("--rand-ae", action="store_true", help="random frozen autoencoders (RandAE)")
@@ -93,7 +95,7 @@ def main(argv=None):
     over = {k: v for k, v in dict(ch=args.ch, int_steps=args.int_steps, num_patches=args.num_patches,
                                   ckpt_every=args.ckpt_every, seed=args.seed,
                                   hyp_activation=args.hyp_activation).items() if v is not None}
-    cfg = dataclasses.replace(cfg, **over)
+    cfg, spacing = grid_config(dataclasses.replace(cfg, **over), args)
     command = " ".join(sys.argv)
     if args.strategy == "multiworker":
         # TF configures the collectives at program start-up, and the task names this worker's lock
@@ -101,12 +103,12 @@ def main(argv=None):
         get_strategy("multiworker")
     deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     with out_dir_lock(args.out, command):  # before the data are built: a second run stops at once
-        _train(args, cfg, command)
+        _train(args, cfg, spacing, command)
     print(f"done: {args.out}")
     return 0
 
 
-def _train(args, cfg, command):
+def _train(args, cfg, spacing, command):
     from contrareg_tf import experiment
     from contrareg_tf.config import SYNTHMORPH_METHODS
 
@@ -114,7 +116,7 @@ def _train(args, cfg, command):
         raise ContraRegInputError(f"{args.loss}: --remat applies to the λ-conditioned network only")
     extra = {"remat": True} if args.remat else {}   # only when set: the SynthMorph trainer has no such option
 
-    experiment.train_method(cfg, args.loss, args.out, data=args.data, ae1=args.ae1, ae2=args.ae2,
+    experiment.train_method(cfg, args.loss, args.out, data=args.data, spacing=spacing, ae1=args.ae1, ae2=args.ae2,
                             rand_ae=args.rand_ae, heads=args.heads, val_curve=not args.no_val_curve,
                             dns_model=args.dns_model, iters=args.iters, lr=args.lr,
                             batch_size=args.batch_size, resume=args.resume, strategy=args.strategy,

@@ -9,7 +9,7 @@ from .dataset import (Subject, Description, load_description, write_description,
                       assign_splits, SPLITS, load_images, load_subject)
 from .proxy import (build_proxy, default_cache_dir, true_pair_warp, integrate_svf, random_svf,  # noqa: F401
                     proxy_dir, nilearn_data_dir, LABEL_NAMES, SOURCES, template, label_info, augment_contrast)
-from .grid import FitInfo, fit_subject, fit_line, fit_warning, add_grid_arguments, grid_config  # noqa: F401
+from .grid import FitInfo, fit_subject, fit_line, fit_warning, grid_config  # noqa: F401
 from .pairs import (make_pairs, load_split_arrays, pair_dataset, PairSampler, SplitArrays, axial_band,  # noqa: F401
                     clear_cache)
 from .proxy_stats import describe_proxy, dice_before, dice_ceiling, plot_montage  # noqa: F401

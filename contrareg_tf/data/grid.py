@@ -20,7 +20,6 @@ grid, and the foreground outside it (mean, worst subject). :func:`fit_warning` g
 foreground, with the voxel size that would fit it. The choices the paper leaves open (it only crops/pads
 preprocessed dHCP volumes): the centring on the foreground, the anti-aliasing rule and the RAS axis order.
 """
-import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -207,18 +206,8 @@ def fit_warning(infos: List[FitInfo], shape: Sequence[int], spacing: Optional[fl
 # ------------------------------------------------------------------------------------------------------------
 # command-line arguments (the commands that train or evaluate on --data)
 # ------------------------------------------------------------------------------------------------------------
-def add_grid_arguments(parser: argparse.ArgumentParser):
-    """``--inshape`` and ``--spacing`` for a command that reads ``--data``."""
-    parser.add_argument("--inshape", type=int, nargs="+", metavar="N",
-                        help="model grid of --data (default: the preset's); scans are centre-cropped/padded "
-                             "to it unless --spacing is given")
-    parser.add_argument("--spacing", type=float, metavar="MM",
-                        help="resample --data in physical space to this voxel size (mm) on the --inshape grid, "
-                             "centred on each subject's brain (default: keep the files' voxels)")
-
-
 def grid_config(cfg, args):
-    """``(cfg, spacing)`` from :func:`add_grid_arguments`' options: the preset with ``inshape`` replaced
+    """``(cfg, spacing)`` from the ``--inshape`` / ``--spacing`` options (``cli.add_grid_options``): the preset with ``inshape`` replaced
     (checked against its dimensionality and U-Net depth) and the resampling voxel size (None: crop/pad).
     Both options need ``--data``: the built-in data is built on the preset's own grid."""
     inshape, spacing = getattr(args, "inshape", None), getattr(args, "spacing", None)
