@@ -87,18 +87,19 @@ _NATIVE_LOG = re.compile(r"^([IWEF])\d{4} ")       # absl / TF C++ log line: sev
 _ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 
-def _import_tensorflow():
-    """``import tensorflow`` with the native start-up lines below ``TF_CPP_MIN_LOG_LEVEL`` dropped (patch 3):
-    file descriptor 2 goes to a temporary file while TF loads; every other line is written back."""
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
+@contextlib.contextmanager
+def native_log_filter():
+    """Drop the native (absl / TF C++) log lines below ``TF_CPP_MIN_LOG_LEVEL`` written to file descriptor 2 while
+    the block runs (patch 3): it goes to a temporary file; every other line is written back. Used around TF's
+    import and around the first XLA compilation of a function, whose "Compiled cluster using XLA" line absl
+    prints whatever the level."""
     level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0)
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile(mode="w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
-            import tensorflow as tf
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -109,6 +110,14 @@ def _import_tensorflow():
                 _NATIVE_LOG.match(ln) and "IWEF".index(ln[0]) < level))]
             sys.stderr.write("".join(keep))
             sys.stderr.flush()
+
+
+def _import_tensorflow():
+    """``import tensorflow`` with the native start-up lines below ``TF_CPP_MIN_LOG_LEVEL`` dropped (patch 3)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with native_log_filter():
+        import tensorflow as tf
     return tf
 
 

@@ -1,13 +1,19 @@
 """DNS similarity loss (losses/dns.py): numerics against a numpy/scipy transcription, frozen network,
 gradients, contrast invariance (monotone remap vs shift) with random and shipped MASR-Net weights."""
+import dataclasses
+import json
 import os
+import shutil
+import warnings
 
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import tensorflow as tf
 
-from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf import instance_opt as IO
+from contrareg_tf.config import IO_PAPER
+from contrareg_tf.errors import ContraRegInputError, ContraRegWarning
 from contrareg_tf.losses import dns as D
 from contrareg_tf.networks import masr
 
@@ -56,12 +62,11 @@ def test_descriptor_similarity_matches_numpy(shape, sigma):
 
 def test_dns_loss_equals_io_similarity_at_identity(models):
     """One ψ_σ: the DNS loss of a pair is IO's similarity term (1 − mean cos) at u = 0, minus 1."""
-    from contrareg_tf import instance_opt as IO
-
     fix, mov = (phantom((32, 40), s)[None, ..., None] for s in (1, 2))
     loss = float(D.DNS(models[2]).loss(fix, mov)[0])
-    res = IO.instance_optimise(fix, mov, features="dns", dns_model=models[2], levels=1, lrs=1e-3, iters=1,
-                               reg_weights=0.0, smooth_sigma=D.DNS_SMOOTH_SIGMA, progress=False)
+    schedule = dataclasses.replace(IO_PAPER, levels=1, lrs=(1e-3,), iters=(1,), reg_weights=(0.0,),
+                                   smooth_sigma=D.DNS_SMOOTH_SIGMA)
+    res = IO.instance_optimise(fix, mov, IO.FeatureSpec("dns", dns_model=models[2]), schedule, progress=False)
     assert abs(res.history[0]["sim"][0, 0] - (1.0 + loss)) < 1e-5
     assert -1.0 < loss < -0.1
 
@@ -150,3 +155,45 @@ def test_loss_inside_tf_function(models):
     spec = tf.TensorSpec((None, 32, 32, 1), tf.float32)
     f = tf.function(loss.loss, input_signature=[spec, spec])
     np.testing.assert_allclose(f(x, y).numpy(), loss.loss(x, y).numpy(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- where weights apply
+def test_shipped_cards_state_training_spacing_and_data():
+    for ndim, sp in ((2, 2.5), (3, 3.0)):
+        path = masr.default_weights_path(ndim)
+        with open(masr.card_path(path)) as f:
+            card = json.load(f)
+        assert card["spacing_mm"] == [sp] * ndim and f"@ {sp:g} mm" in card["data"]   # the card's own data line
+        assert masr.training_spacing(path) == [sp] * ndim
+
+
+@pytest.mark.parametrize("spacing,warns", [(3.0, False), (4.4, False), (2.05, False), (4.6, True), (1.9, True),
+                                           ((3.0, 3.0, 6.0), True)])
+def test_dns_weights_warn_more_than_1p5x_from_training_spacing(tmp_path, spacing, warns):
+    # a copy of the shipped 3-D weights with its card (trained at 3 mm): 4.5 / 3 = 1.5 is the edge
+    path = str(tmp_path / "w.h5")
+    shutil.copy(masr.default_weights_path(3), path)
+    shutil.copy(masr.card_path(masr.default_weights_path(3)), masr.card_path(path))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        ratio = masr.check_training_spacing(path, spacing)
+    msgs = [str(w.message) for w in got if issubclass(w.category, ContraRegWarning)]
+    expect = max(max(s / 3.0, 3.0 / s) for s in np.atleast_1d(spacing))
+    assert ratio == pytest.approx(expect)
+    assert bool(msgs) == warns
+    if warns:
+        assert path in msgs[0] and "3x3x3 mm" in msgs[0]
+        assert "x".join(f"{s:g}" for s in np.broadcast_to(spacing, (3,))) + " mm" in msgs[0]
+
+
+def test_dns_weights_without_card_spacing_do_not_warn(tmp_path):
+    path = str(tmp_path / "w.h5")
+    shutil.copy(masr.default_weights_path(3), path)           # no card beside it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert masr.check_training_spacing(path, 0.5) is None
+
+
+def test_io_feature_provider_warns_for_dns_at_another_resolution():
+    with pytest.warns(ContraRegWarning, match="dns_proxy3d.h5"):
+        IO.feature_provider("dns", ndim=3, spacing=(6.0, 6.0, 6.0))

@@ -3,7 +3,9 @@
 Synthetic multi-modal pairs: a label phantom rendered with two different intensity tables (so no single
 intensity mapping relates fixed and moving), moving = fixed anatomy warped by a known smooth field
 (scipy map_coordinates). Dice is computed here in numpy."""
+import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -13,14 +15,28 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage
 
-from contrareg_tf.errors import ContraRegInputError
 from contrareg_tf import instance_opt as IO
+from contrareg_tf.config import IO_PRESETS
+from contrareg_tf.errors import ContraRegInputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user would run it
 ENV["PYTHONPATH"] = ROOT
 SCRIPT = os.path.join(ROOT, "eval_scripts", "instance_opt.py")
 sys.path.insert(0, os.path.join(ROOT, "eval_scripts"))
+
+
+FEATURE_KEYS = ("dns_model", "ae_models", "moving_modality", "ae_layers", "mind_distance", "mind_patch")
+
+
+def io_run(fixed, moving, features="mindssc", preset="paper", progress=False, deformable="on", **kw):
+    """``instance_optimise`` with a preset's schedule changed by ``kw`` (the deformable stage kept unless asked:
+    these tests check the optimiser) and the feature options of ``kw`` in a ``FeatureSpec``."""
+    feat = {k: kw.pop(k) for k in FEATURE_KEYS if k in kw}
+    if feat:
+        features = IO.FeatureSpec(features, **feat)
+    schedule = dataclasses.replace(IO_PRESETS[preset], deformable=deformable, **kw)
+    return IO.instance_optimise(fixed, moving, features, schedule, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- phantoms
@@ -75,7 +91,7 @@ def test_similarity_term_at_identity_matches_numpy():
     # levels=1: the first recorded similarity is at u = 0: 1 − mean cos of the σ-smoothed descriptors
     _, _, fix, mov, _ = make_pair((24, 20), 3.0)
     feat = lambda x: tf.concat([x, 1.0 - x, x * x], axis=-1)  # noqa: E731
-    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features=feat, levels=1, lrs=1e-2,
+    res = io_run(fix[None, ..., None], mov[None, ..., None], features=feat, levels=1, lrs=1e-2,
                                iters=1, reg_weights=0.5, smooth_sigma=1.0, progress=False)
 
     def np_feat(x):
@@ -90,17 +106,14 @@ def test_similarity_term_at_identity_matches_numpy():
 
 
 def test_paper_preset_is_table4_and_fast_preset_exists():
-    from contrareg_tf.config import IO_PRESETS
-
-    paper = IO_PRESETS["paper"].schedule()
-    assert (paper["levels"], paper["lrs"], paper["iters"], paper["reg_weights"]) == (
-        3, [1e-2, 5e-3, 3e-3], [100, 80, 50], [0.6, 0.5, 0.4])      # DNS paper, supplementary Table 4
-    assert paper["grid_step"] == 1 and paper["sample_stride"] == 1 and paper["max_scale"] == 1.0
-    assert not paper["convex_init"]                                  # not in the paper
+    paper = IO_PRESETS["paper"]
+    assert (paper.levels, paper.lrs, paper.iters, paper.reg_weights) == (
+        3, (1e-2, 5e-3, 3e-3), (100, 80, 50), (0.6, 0.5, 0.4))      # DNS paper, supplementary Table 4
+    assert paper.grid_step == 1 and paper.sample_stride == 1 and paper.max_scale == 1.0
+    assert not paper.convex_init                                     # not in the paper
     for name in ("fast", "convex"):
-        kw = IO_PRESETS[name].schedule()
-        assert IO.check_schedule(kw["levels"], kw["lrs"], kw["iters"], kw["reg_weights"])[0] == kw["levels"]
-    assert IO_PRESETS["convex"].schedule()["convex_init"]
+        assert IO.check_io(IO_PRESETS[name])[0] == IO_PRESETS[name].levels
+    assert IO_PRESETS["convex"].convex_init
 
 
 def _np_upsample(u, shape):
@@ -147,11 +160,9 @@ def _true_inverse(u, iters=30):
 
 def test_fast_preset_recovers_known_smooth_displacement():
     # moving = fixed anatomy at x + u(x) (known u), so the registration should find d ≈ φ⁻¹ − id
-    from contrareg_tf.config import IO_PRESETS
-
     flab, mlab, fix, mov, u = make_pair((40, 40, 40), 4.0, seed=3)
-    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None],
-                               features="mindssc", progress=False, **IO_PRESETS["fast"].schedule())
+    res = io_run(fix[None, ..., None], mov[None, ..., None],
+                               features="mindssc", progress=False, preset="fast")
     d_true = _true_inverse(u)
     edge = ndimage.morphological_gradient(flab, size=3) > 0      # only label edges constrain the field
     epe0 = np.linalg.norm(d_true, axis=-1)[edge].mean()
@@ -263,8 +274,8 @@ def test_convex_init_recovers_a_large_translation():
     mlab = np.roll(mlab, (7, 0), axis=(0, 1))
     kw = dict(features="mindssc", levels=2, iters=(30, 20), lrs=(0.04, 0.02), reg_weights=(0.6, 0.5),
               progress=False)
-    plain = IO.instance_optimise(f2[None, ..., None], m2[None, ..., None], **kw)
-    conv = IO.instance_optimise(f2[None, ..., None], m2[None, ..., None], convex_init=True, convex_grid=4,
+    plain = io_run(f2[None, ..., None], m2[None, ..., None], **kw)
+    conv = io_run(f2[None, ..., None], m2[None, ..., None], convex_init=True, convex_grid=4,
                                 convex_hw=3, **kw)
     assert conv.convex_disp.shape == (1, 12, 12, 2) and conv.convex_seconds > 0
     d_plain = mdice(flab, np_warp_nearest(mlab, plain.disp[0]))
@@ -275,15 +286,15 @@ def test_convex_init_recovers_a_large_translation():
 def test_convex_init_bad_settings_raise():
     f = np.zeros((1, 16, 16, 1), np.float32)
     with pytest.raises(ContraRegInputError, match="convex_grid"):
-        IO.instance_optimise(f, f, convex_init=True, convex_grid=0, progress=False)
+        io_run(f, f, convex_init=True, convex_grid=0, progress=False)
     with pytest.raises(ContraRegInputError, match="fewer than 2 cells"):
-        IO.instance_optimise(f, f, convex_init=True, convex_grid=16, progress=False, iters=(1, 1, 1))
+        io_run(f, f, convex_init=True, convex_grid=16, progress=False, iters=(1, 1, 1))
 
 
 # ------------------------------------------------------------------------------------- registration
 def test_io_2d_mindssc_improves_dice_and_similarity():
     flab, mlab, fix, mov, _ = make_pair((48, 48), 4.0)
-    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="mindssc", progress=False)
+    res = io_run(fix[None, ..., None], mov[None, ..., None], features="mindssc", progress=False)
     assert res.disp.shape == (1, 48, 48, 2) and res.moved.shape == (1, 48, 48, 1)
     assert [h["sim"].shape for h in res.history] == [(1, 100), (1, 80), (1, 50)]
     moved = np_warp_nearest(mlab, res.disp[0])
@@ -300,7 +311,7 @@ def test_io_2d_mindssc_improves_dice_and_similarity():
 
 def test_io_3d_mindssc_improves_dice():
     flab, mlab, fix, mov, _ = make_pair((24, 24, 24), 3.0, seed=1)
-    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="mindssc",
+    res = io_run(fix[None, ..., None], mov[None, ..., None], features="mindssc",
                                iters=(40, 30, 20), progress=False)
     assert res.level_shapes == [(12, 12, 12), (17, 17, 17), (24, 24, 24)]
     before, after = mdice(flab, mlab), mdice(flab, np_warp_nearest(mlab, res.disp[0]))
@@ -310,7 +321,7 @@ def test_io_3d_mindssc_improves_dice():
 
 def test_io_mind_features_and_diffeomorphic_inverse():
     flab, mlab, fix, mov, _ = make_pair((40, 40), 4.0, seed=2)
-    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="mind",
+    res = io_run(fix[None, ..., None], mov[None, ..., None], features="mind",
                                diffeomorphic=True, progress=False)
     assert res.inverse.shape == res.disp.shape and res.velocity.shape == res.disp.shape
     assert mdice(flab, np_warp_nearest(mlab, res.disp[0])) > mdice(flab, mlab) + 0.02
@@ -329,9 +340,9 @@ def test_batch_of_two_equals_each_alone():
     fx = np.stack([p[2] for p in pairs])[..., None]
     mv = np.stack([p[3] for p in pairs])[..., None]
     kw = dict(features="mindssc", iters=(20, 15, 10), progress=False)
-    both = IO.instance_optimise(fx, mv, **kw)
+    both = io_run(fx, mv, **kw)
     for b in range(2):
-        one = IO.instance_optimise(fx[b:b + 1], mv[b:b + 1], **kw)
+        one = io_run(fx[b:b + 1], mv[b:b + 1], **kw)
         np.testing.assert_allclose(both.disp[b], one.disp[0], atol=1e-3)  # float32 reduction order; pairs differ by >0.1
         np.testing.assert_allclose(both.history[-1]["loss"][b], one.history[-1]["loss"][0], rtol=1e-3,
                                    atol=1e-6)
@@ -346,7 +357,7 @@ def test_callable_and_pair_features_and_ae_provider():
         calls.append(x.shape)
         return tf.concat([x, 1.0 - x], axis=-1)
 
-    IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features=feat, iters=(2, 2, 2),
+    io_run(fix[None, ..., None], mov[None, ..., None], features=feat, iters=(2, 2, 2),
                          progress=False)
     assert calls == [(1, 16, 16, 1)] * 2          # computed once per image, not per level
     ff, fm = IO.feature_provider((lambda x: x, lambda x: 2 * x))
@@ -384,7 +395,7 @@ def test_ae_provider_with_contrareg_autoencoder():
     filters = (4, 6, 8, 6, 4, 4, 4, 1)
     a1, a2 = (build_autoencoder(2, filters, seed=s) for s in (0, 1))
     _, _, fix, mov, _ = make_pair((32, 32), 2.0)
-    res = IO.instance_optimise(fix[None, ..., None], mov[None, ..., None], features="ae", ae_models=(a1, a2),
+    res = io_run(fix[None, ..., None], mov[None, ..., None], features="ae", ae_models=(a1, a2),
                                moving_modality="t2", iters=(3, 2, 2), progress=False)
     assert np.isfinite(res.disp).all()
     ff, fm = IO.feature_provider("ae", ndim=2, ae_models=(a1, a2), moving_modality="t2")
@@ -416,7 +427,7 @@ def test_dns_provider_with_masr_model():
     np.testing.assert_allclose(d, masr.dns_features(x, model).numpy(), atol=1e-6)
     assert d.shape == (1, 32, 32, 24)
     np.testing.assert_allclose(np.linalg.norm(d, axis=-1), 1.0, atol=1e-4)  # L2-normalised descriptor
-    res = IO.instance_optimise(x, mov[None, ..., None], features="dns", dns_model=model, iters=(5, 3, 2),
+    res = io_run(x, mov[None, ..., None], features="dns", dns_model=model, iters=(5, 3, 2),
                                progress=False)
     assert np.isfinite(res.disp).all() and res.history[0]["sim"].shape == (1, 5)
 
@@ -424,23 +435,23 @@ def test_dns_provider_with_masr_model():
 def test_bad_inputs_raise():
     a = np.random.default_rng(0).random((1, 16, 16, 1)).astype(np.float32)
     with pytest.raises(ContraRegInputError, match="shape mismatch"):
-        IO.instance_optimise(a, a[:, :12], progress=False)
+        io_run(a, a[:, :12], progress=False)
     bad = a.copy()
     bad[0, 3, 3, 0] = np.nan
     with pytest.raises(ContraRegInputError, match="NaN"):
-        IO.instance_optimise(a, bad, progress=False)
+        io_run(a, bad, progress=False)
     with pytest.raises(ContraRegInputError, match="spatial axes"):
-        IO.instance_optimise(a[0], a[0], progress=False)
+        io_run(a[0], a[0], progress=False)
     with pytest.raises(ContraRegInputError, match="3-D"):
-        IO.instance_optimise(np.zeros((1, 8, 8, 8, 1)), a, progress=False)
+        io_run(np.zeros((1, 8, 8, 8, 1)), a, progress=False)
     with pytest.raises(ContraRegInputError, match="iters"):
-        IO.instance_optimise(a, a, iters=(1, 2), progress=False)
+        io_run(a, a, iters=(1, 2), progress=False)
     with pytest.raises(ContraRegInputError, match="unknown features"):
-        IO.instance_optimise(a, a, features="sift", progress=False)
+        io_run(a, a, features="sift", progress=False)
     with pytest.raises(ContraRegInputError, match="ae"):
-        IO.instance_optimise(a, a, features="ae", progress=False)
+        io_run(a, a, features="ae", progress=False)
     with pytest.raises(ContraRegInputError, match="not found"):
-        IO.instance_optimise(a, a, features="dns", dns_model="/nonexistent/masr.h5", progress=False)
+        io_run(a, a, features="dns", dns_model="/nonexistent/masr.h5", progress=False)
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -467,7 +478,7 @@ def test_cli_writes_outputs_with_fixed_affine(nifti_pair, tmp_path):
     out = {k: str(tmp_path / f"{k}.nii.gz") for k in ("moved", "warp", "mlab")}
     cmd = [sys.executable, SCRIPT, "--fixed", p["fixed"], "--moving", p["moving"], "--features", "mindssc",
            "--moved", out["moved"], "--warp", out["warp"], "--moving-labels", p["mlab"], "--moved-labels",
-           out["mlab"], "--fixed-labels", p["flab"], "--iters", "20,15,10", "--quiet"]
+           out["mlab"], "--fixed-labels", p["flab"], "--iters", "20,15,10", "--deformable", "on", "--quiet"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Dice before" in r.stdout
@@ -487,36 +498,38 @@ def test_cli_writes_outputs_with_fixed_affine(nifti_pair, tmp_path):
 
 def test_cli_io_preset_fast_with_explicit_override(nifti_pair, tmp_path, capsys, monkeypatch):
     # --io-preset picks the schedule of config.IO_PRESETS; an explicit --iters overrides only that value
-    from contrareg_tf.config import IO_PRESETS
+    from contrareg_tf.instance_opt import files
 
     seen = {}
-    real = IO.instance_optimise
+    real = files.instance_optimise
 
-    def spy(*args, **kw):
-        seen.update(kw)
-        return real(*args, **kw)
+    def spy(fixed, moving, features, schedule, **kw):
+        seen["schedule"] = schedule
+        return real(fixed, moving, features, schedule, **kw)
 
-    monkeypatch.setattr(IO, "instance_optimise", spy)
+    monkeypatch.setattr(files, "instance_optimise", spy)
     p = nifti_pair
     code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--io-preset", "fast", "--iters",
                            "7,5", "--warp", str(tmp_path / "w.nii.gz"), "--quiet"], capsys)
     assert code == 0, err
-    fast = IO_PRESETS["fast"].schedule()
-    assert seen["iters"] == [7, 5]
-    for k in ("levels", "lrs", "reg_weights", "grid_step", "sample_stride", "smooth_sigma", "max_scale"):
-        assert seen[k] == fast[k], k
+    fast, got = IO_PRESETS["fast"], seen["schedule"]
+    assert got.iters == (7, 5)
+    for k in ("levels", "lrs", "reg_weights", "grid_step", "sample_stride", "smooth_sigma", "max_scale",
+              "deformable", "int_steps"):
+        assert getattr(got, k) == getattr(fast, k), k
     code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--io-preset", "nope"], capsys)
     assert code == 2 and len(err) == 1 and "nope" in err[0]
 
 
-def _run_main(argv, capsys):
+def _run_main(argv, capsys, keep_out=False):
     import instance_opt as script
     from contrareg_tf.cli import run_cli
 
     with pytest.raises(SystemExit) as e:
         run_cli(script.main, argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    return e.value.code, err
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    return (e.value.code, err, cap.out.strip().splitlines()) if keep_out else (e.value.code, err)
 
 
 @pytest.mark.parametrize("case", ["missing", "shape", "not_nifti", "labels_shape", "bad_out_ext",
@@ -558,3 +571,100 @@ def test_cli_missing_file_subprocess(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:") and "a.nii.gz" in lines[0]
     assert "not found" in lines[0]
     assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------- the deformable decision
+def test_keep_deformable_rule():
+    s0 = np.array([0.10, 0.10, 0.10, 0.0])
+    s1 = np.array([0.05, 0.07, 0.11, 0.0])                 # gains 0.5, 0.3, -0.1, none
+    assert IO.keep_deformable(s0, s1, "auto", 0.4).tolist() == [True, False, False, False]
+    assert IO.keep_deformable(s0, s1, "auto", 0.25).tolist() == [True, True, False, False]
+    assert IO.keep_deformable(s0, s1, "on", 0.4).all() and not IO.keep_deformable(s0, s1, "off", 0.4).any()
+
+
+def test_data_term_matches_numpy_for_an_integer_shift():
+    rng = np.random.default_rng(3)
+    ff, fm = rng.random((1, 12, 10, 3)), rng.random((1, 12, 10, 3))
+    u = np.zeros((1, 12, 10, 2), np.float32)
+    u[..., 0] = 2.0                                          # φ(x) = x + (2, 0): read fm two rows further on
+    moved = fm[:, np.minimum(np.arange(12) + 2, 11)]        # border clamped
+    cos = (ff * moved).sum(-1) / (np.linalg.norm(ff, axis=-1) * np.linalg.norm(moved, axis=-1))
+    got = IO.data_term(tf.constant(ff, tf.float32), tf.constant(fm, tf.float32), tf.constant(u))
+    np.testing.assert_allclose(got, 1 - cos.mean(), atol=1e-5)
+
+
+def test_auto_drops_the_deformable_stage_when_nothing_is_to_be_found_and_keeps_it_when_it_helps():
+    # the same image as fixed and moving: S₀ = 0 and no displacement can lower it -> dropped, u = 0 exactly;
+    # a smooth phantom shifted by 3 voxels: the data term falls by far more than 40 % -> kept
+    flab, mlab, fix, mov, _ = make_pair((32, 32), 3.0, seed=6)
+    same = io_run(fix[None, ..., None], fix[None, ..., None], deformable="auto", iters=(10, 10, 10))
+    assert not same.deformable_kept[0] and same.similarity_identity[0] < 1e-6
+    assert np.all(same.disp == 0) and np.array_equal(same.moved, fix[None, ..., None].astype(np.float32))
+    shifted = np.roll(fix, 3, axis=0)
+    lab = np.roll(flab, 3, axis=0)
+    helps = io_run(fix[None, ..., None], shifted[None, ..., None], deformable="auto", iters=(40, 30, 20))
+    gain = 1 - helps.similarity_deformable[0] / helps.similarity_identity[0]
+    assert helps.deformable_kept[0] and gain > 0.4, gain
+    assert mdice(flab, np_warp_nearest(lab, helps.disp[0])) > mdice(flab, lab) + 0.1
+    off = io_run(fix[None, ..., None], shifted[None, ..., None], deformable="off")
+    assert not off.deformable_kept[0] and np.all(off.disp == 0)
+
+
+# ------------------------------------------------------------------------ phases, validation, memory
+def test_cli_prints_one_line_per_phase_and_names_the_dns_weights(nifti_pair, tmp_path, capsys):
+    p = nifti_pair
+    code, err, out = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--features", "dns", "--iters",
+                                "2,2,2", "--warp", str(tmp_path / "w.nii.gz")], capsys, keep_out=True)
+    assert code == 0, err
+    timed = r" … \d+\.\d s$"
+    for pattern in (r"load \+ resample onto the fixed grid 20x20x16 @ 1.5x1.5x2 mm: \d+\.\d s$",
+                    r"DNS weights: .*dns_proxy3d.h5 \(trained at 3x3x3 mm\)$",
+                    r"descriptors \(dns, 3 level\(s\)\)" + timed, r"optimisation: 2 \+ 2 \+ 2 Adam steps on ",
+                    r"optimisation done: \d+\.\d s$", "deformable stage: (kept|dropped)",
+                    r"writing 1 output\(s\)" + timed):
+        assert sum(bool(re.match(pattern, line)) for line in err) == 1, (pattern, err)
+    # the pair is at 1.5 x 1.5 x 2 mm, 2x finer than the weights' 3 mm: one warning naming file and spacings
+    warn = [line for line in err if line.startswith("warning:") and "dns_proxy3d.h5" in line]
+    assert len(warn) == 1 and "3x3x3 mm" in warn[0] and "1.5x1.5x2 mm" in warn[0], err
+    assert any(line.startswith("features dns") for line in out)           # the results stay on stdout
+    # --quiet: no phase lines
+    code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--iters", "2,2,2", "--quiet"], capsys)
+    assert code == 0 and not any("…" in line for line in err), err
+
+
+def test_cli_convex_zero_iterations_writes_and_exits_0(nifti_pair, tmp_path, capsys):
+    p = nifti_pair
+    moved = tmp_path / "x.nii.gz"
+    code, err, out = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--io-preset", "convex", "--iters",
+                                "0", "--moved", str(moved), "--quiet"], capsys, keep_out=True)
+    assert code == 0 and not any(line.startswith("error") for line in err), err
+    assert moved.exists() and any(line.startswith("features mindssc") for line in out)
+
+
+def test_cli_absurd_smoothing_one_error_line_nothing_written(nifti_pair, tmp_path, capsys):
+    p = nifti_pair
+    before = set(os.listdir(tmp_path))
+    code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--moved", str(tmp_path / "m.nii.gz"),
+                           "--smooth-sigma", "1e9", "--quiet"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "smooth_sigma" in err[0], err
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_memory_estimate_refuses_what_cannot_fit(nifti_pair, tmp_path, capsys, monkeypatch):
+    from contrareg_tf.instance_opt import memory
+
+    gib = 2 ** 30
+    paper = IO_PRESETS["paper"]
+    big = memory.estimate_bytes((512, 512, 512), "mindssc", paper)
+    assert big > 8 * gib                           # 12 MIND-SSC channels of 512³ float32 are 6 GiB per image alone
+    assert memory.estimate_bytes((64, 64, 64), "mindssc", paper) < 4 * gib
+    with pytest.raises(ContraRegInputError, match=r"512x512x512 .* needs about .* GiB"):
+        memory.check_memory((512, 512, 512), "mindssc", paper, "paper", available=8 * gib)
+    # through the command: refused before anything is loaded or written
+    monkeypatch.setattr(memory, "available_bytes", lambda: 0.5 * gib)
+    p = nifti_pair
+    before = set(os.listdir(tmp_path))
+    code, err = _run_main(["--fixed", p["fixed"], "--moving", p["moving"], "--moved", str(tmp_path / "m.nii.gz"),
+                           "--quiet"], capsys)
+    assert code == 2 and len(err) == 1 and "GiB" in err[0] and "available" in err[0]
+    assert set(os.listdir(tmp_path)) == before

@@ -442,7 +442,7 @@ def test_too_high_learning_rate_finishes_with_a_warning(ref, tmp_path, capsys):
     lab = tmp_path / "l.nii.gz"
     code, err, _ = run_main("instance_opt", ["--fixed", ref["img_path"], "--moving", ref["img_path"],
                                              "--warp", str(lab), "--lrs", "1e6,1e6,1e6", "--iters", "5,5,5",
-                                             "--quiet"], capsys)
+                                             "--deformable", "on", "--quiet"], capsys)
     from contrareg_tf import metrics
 
     folds = metrics.folding_fraction(metrics.jacobian_determinant(nib.load(str(lab)).get_fdata()))

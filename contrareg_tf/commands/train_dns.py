@@ -20,6 +20,8 @@ from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import PRESETS, get_preset
 from contrareg_tf.errors import ContraRegInputError
 from contrareg_tf.data import dataset
+from contrareg_tf.data.io import load_nifti
+from contrareg_tf.data.sources import resolve
 from contrareg_tf.networks import masr
 from contrareg_tf.training import train_masr
 
@@ -53,6 +55,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def training_spacing_mm(cfg, desc, data):
+    """Voxel size (mm per axis) of the training images: the preset's for the built-in data, else the first
+    subject's T1w header."""
+    if data is None:
+        return [float(cfg.spacing)] * len(cfg.inshape)
+    return [float(v) for v in load_nifti(desc.subjects[0].t1).spacing]
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -71,12 +81,14 @@ def main(argv=None):
             raise ContraRegInputError(f"{flag}: invalid value {v}")
     deterministic_ops(args.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     iters = args.iters if args.iters is not None else cfg.iters
-    desc = dataset.resolve(cfg, args.data)
+    desc = resolve(cfg, args.data)
     images, masks, info = dataset.load_images(desc, split=args.split,
                                               ndim=len(cfg.inshape) if args.data is None else None)
     if args.data is None:
         info["data"] = (f"built-in data {cfg.data_source} ({len(cfg.inshape)}-D {'x'.join(map(str, cfg.inshape))} "
                         f"@ {cfg.spacing:g} mm, {cfg.proxy_subjects} subjects, seed {cfg.seed}) at {desc.source}")
+    # the resolution the weights apply at: instance optimisation warns more than DNSConfig.spacing_factor away
+    info["spacing_mm"] = training_spacing_mm(cfg, desc, args.data)
     cmd = "python " + " ".join(shlex.quote(a) for a in ([sys.argv[0]] + list(sys.argv[1:] if argv is None
                                                                              else argv)))
     card = dict(info, preset=cfg.name, command=cmd,

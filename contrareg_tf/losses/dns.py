@@ -23,15 +23,9 @@ import tensorflow as tf
 from .. import ops
 from ..config import DNS_PAPER
 from ..errors import ContraRegInputError
-from ..networks.masr import dns_features  # noqa: F401  (re-export: descriptor of an image)
+from ..networks.masr import check_image, default_weights_path, dns_features, load_masr  # noqa: F401
 
 DNS_SMOOTH_SIGMA = DNS_PAPER.smooth_sigma   # ψ_σ in voxels (not stated in the paper; = IO's σ)
-
-
-def default_weights_path(ndim):
-    """Path of the shipped MASR-Net weights for ``ndim`` (``models/dns_proxy{ndim}d.h5``, see ``assets``)."""
-    from ..assets import shipped
-    return shipped(f"dns_proxy{int(ndim)}d.h5")
 
 
 def smooth(desc, sigma=DNS_SMOOTH_SIGMA):
@@ -77,8 +71,6 @@ class DNS:
 
     @staticmethod
     def _load(model):
-        from ..networks.masr import load_masr
-
         if isinstance(model, (str, os.PathLike)):
             model = load_masr(model)
         if not isinstance(model, tf.keras.Model) or getattr(model, "masr_config", None) is None:
@@ -102,8 +94,6 @@ class DNS:
 
     def descriptors(self, x):
         """Frozen descriptor D(x): (B, *vol, 1) → (B, *vol, C_d), spatial sizes divisible by 8."""
-        from ..networks.masr import check_image
-
         x = tf.convert_to_tensor(x, tf.float32)
         ndim = x.shape.rank - 2
         if ndim not in (2, 3):

@@ -33,17 +33,21 @@ foreground locations sampled per step, InfoNCE (Eq. 4) between D(I) and D(I') at
 τ = 0.07 (``contrastive_loss``), Adam 1e-4, batch 1; T1w and T2w images both serve as training images.
 """
 import itertools
+import json
 import os
 import types
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
+from ..assets import shipped
 from ..atomic import atomic_path, write_json
 from ..config import DNS_PAPER
-from ..errors import ContraRegInputError
+from ..errors import ContraRegInputError, ContraRegWarning
 from ..ops import clamp_variance, l2_normalize, replicate_pad, shift, check_image as _check
 from .layers import L2Normalize
+from .weights import load_weights, read_json_attr, write_json_attr
 
 # DNS paper §4.2 "Implementation" (not in config.PAPER, which holds ContraReg's defaults).
 # defaults: config.DNSConfig (paper values and this reproduction's assumptions, one place)
@@ -276,8 +280,6 @@ def get_config(model):
 def save_masr(model, path, card=None):
     """Save weights to ``path`` (.h5) with the build config as an HDF5 attribute; ``card`` (dict) is also
     written as ``<path without .h5>.json``."""
-    from .weights import write_json_attr
-
     path = os.fspath(path)
     if not path.endswith(".h5"):
         raise ContraRegInputError(f"{path}: MASR-Net weights must be saved as .h5")
@@ -295,8 +297,6 @@ def load_masr(path, ndim=None, **build_kwargs):
     config; any ``ndim`` / build argument given must agree with it. Files without a stored config are
     built from the arguments. Any mismatch (dimensionality, layer names, weight shapes) raises
     ContraRegInputError naming the file and the mismatch."""
-    from .weights import load_weights, read_json_attr
-
     path = os.fspath(path)
     cfg = read_json_attr(path, _CONFIG_ATTR)
     if cfg is not None:
@@ -314,3 +314,57 @@ def load_masr(path, ndim=None, **build_kwargs):
             raise ContraRegInputError(f"{path}: no stored MASR-Net config; pass ndim (and build arguments)")
         build = masr_config(ndim, **build_kwargs)
     return load_weights(build_masr(**build), path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# where weights apply
+# --------------------------------------------------------------------------------------------------------------
+def default_weights_path(ndim):
+    """Path of the shipped MASR-Net weights for ``ndim`` (``models/dns_proxy{ndim}d.h5``, see ``assets``)."""
+    return shipped(f"dns_proxy{int(ndim)}d.h5")
+
+
+def card_path(path):
+    """The JSON card written beside a ``save_masr`` .h5 file."""
+    path = os.fspath(path)
+    return (path[:-3] if path.endswith(".h5") else path) + ".json"
+
+
+def training_spacing(path):
+    """The voxel size (mm per axis) the weights at ``path`` were trained at, from the ``spacing_mm`` of their
+    card; None when there is no card or it does not say."""
+    try:
+        with open(card_path(path)) as f:
+            sp = json.load(f).get("spacing_mm")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if sp is None:
+        return None
+    sp = [float(v) for v in np.atleast_1d(sp)]
+    return sp if all(np.isfinite(v) and v > 0 for v in sp) else None
+
+
+def check_training_spacing(path, spacing, factor=DNS_PAPER.spacing_factor):
+    """Warn (``ContraRegWarning``, naming the file and both spacings) when images of voxel size ``spacing`` (mm,
+    scalar or per axis) are more than ``factor`` times finer or coarser, along any axis, than the training
+    spacing on the card of the weights at ``path``: the descriptors degrade away from it. Returns the ratio
+    (>= 1), or None when the card does not say."""
+    train = training_spacing(path)
+    if train is None:
+        return None
+    sp = np.atleast_1d(np.asarray(spacing, np.float64))
+    tr = np.atleast_1d(np.asarray(train, np.float64))
+    if tr.size == 1:
+        tr = np.full(sp.shape, tr[0])
+    if sp.size == 1:
+        sp = np.full(tr.shape, sp[0])
+    if sp.shape != tr.shape:
+        tr = np.full(sp.shape, float(np.mean(tr)))
+    ratio = float(np.max(np.maximum(sp / tr, tr / sp)))
+    if ratio > factor:
+        fmt = lambda v: "x".join(f"{x:g}" for x in v)  # noqa: E731
+        warnings.warn(f"DNS weights {path} were trained at {fmt(tr)} mm but the images are at {fmt(sp)} mm "
+                      f"({ratio:.2g}x away, more than {factor:g}x): the descriptors degrade away from their training "
+                      f"resolution; resample the images or train weights at this resolution "
+                      f"(train_scripts/train_dns.py --data)", ContraRegWarning, stacklevel=2)
+    return ratio

@@ -10,14 +10,13 @@ import numpy as np
 import tensorflow as tf
 
 from ..config import DNS_PAPER
+from ..data.augment import bezier_intensity
 from ..errors import ContraRegInputError
 from ..networks.masr import build_masr, check_image, contrastive_loss, get_config, save_masr
 from .loop import run_loop, step_rng
 
 
 def _bezier(x, rng):
-    from ..data.augment import bezier_intensity
-
     return np.clip(np.asarray(bezier_intensity(x, rng, n_ctrl=DNS_PAPER.bezier_points,
                                                invert_prob=DNS_PAPER.invert_prob), np.float32), 0.0, 1.0)
 
