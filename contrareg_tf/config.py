@@ -30,7 +30,7 @@ INTENSITY_PERCENTILES = (0.5, 99.5)
 # a loaded autoencoder must reconstruct the data it is used on with at least this Pearson correlation in the
 # paper layout (networks.autoencoder.check_layout): paper-layout AEs give >= 0.98, the same weight shapes trained
 # with pooling / up-sampling after the conv 0.70-0.75, random weights <= 0.25 (bench/results/ae_layout_probe.md)
-AE_LAYOUT_MIN_CORR = 0.9
+AE_LAYOUT_MIN_CORR, AE_LAYOUT_PROBES = 0.9, 3       # threshold; how many training images are probed
 # the hypernetwork's activations (Config.hyp_activation)
 HYP_ACTIVATIONS = ("relu", "leaky_relu")
 

@@ -152,9 +152,14 @@ def test_layout_check(tmp_path):
     r = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(rec, probe)]
     np.testing.assert_allclose(ae.reconstruction_corr(model, probe), r, rtol=1e-5)
     assert min(r) >= contrareg_tf.config.AE_LAYOUT_MIN_CORR
-    path = ae.save_autoencoder(ae.build_autoencoder(2, filters=filters, seed=3), tmp_path / "random.h5")
+    rand = ae.build_autoencoder(2, filters=filters, seed=3)
+    rand.save_weights(str(tmp_path / "random.h5"))                     # a file written elsewhere
     with pytest.raises(ContraRegInputError, match="random.h5"):
-        ae.load_autoencoder(path, 2, filters=filters, probe=probe)
+        ae.load_autoencoder(str(tmp_path / "random.h5"), 2, filters=filters, probe=probe)
+    # a file this package wrote is in its layout by construction (however briefly trained): not probed
+    path = ae.save_autoencoder(rand, tmp_path / "ours.h5")
+    assert ae.written_here(path) and not ae.written_here(shipped)
+    ae.load_autoencoder(path, 2, filters=filters, probe=probe)
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
@@ -171,3 +176,16 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         ae.save_autoencoder(model, path)
     assert open(path, "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["a1.h5"]
+
+
+def test_training_refuses_a_wrong_layout_autoencoder():
+    """The registration trainer probes each autoencoder file with its training images (setup_registration hands
+    build_components the first AE_LAYOUT_PROBES of each modality)."""
+    from contrareg_tf.training.registration import build_components
+
+    data = os.path.join(os.path.dirname(__file__), "data")
+    probe = np.load(os.path.join(data, "ae_probe_t1_2d.npy"))
+    cfg = contrareg_tf.config.get_preset("cpu-demo")
+    wrong, t2 = os.path.join(data, "ae_wrong_layout_2d.h5"), contrareg_tf.assets.shipped("ae_t2_cpu-demo.h5")
+    with pytest.raises(ContraRegInputError, match="ae_wrong_layout_2d.h5: in the paper autoencoder layout"):
+        build_components(cfg, "cr", wrong, t2, probes=(probe, None))

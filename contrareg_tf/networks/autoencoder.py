@@ -27,9 +27,11 @@ from ..atomic import atomic_path
 from ..config import AE_LAYOUT_MIN_CORR, PAPER
 from ..errors import ContraRegInputError
 from .layers import NearestUpsample
-from .weights import load_weights
+from .weights import load_weights, read_json_attr, write_json_attr
 
 NB_DOWN = 3   # 3 stride-2 blocks, then 3 up-sampling blocks (paper §3)
+# HDF5 attribute that marks a file written by save_autoencoder (so in this module's layout; no probe needed)
+LAYOUT_ATTR = "contrareg_autoencoder"
 
 
 def feature_channels(filters=PAPER.ae_filters, n=PAPER.ae_nb_feature_layers):
@@ -131,7 +133,14 @@ def save_autoencoder(model, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:      # a crash or a full disk leaves the previous file, not half a file
         model.save_weights(tmp)
+        write_json_attr(tmp, LAYOUT_ATTR, {"layout": "contrareg_tf.networks.autoencoder (paper §3)",
+                                           "ndim": len(model.inputs[0].shape) - 2})
     return path
+
+
+def written_here(path):
+    """Whether ``path`` was written by :func:`save_autoencoder` (its layout is this module's)."""
+    return read_json_attr(path, LAYOUT_ATTR) is not None
 
 
 def load_autoencoder_weights(model, path):
@@ -169,9 +178,10 @@ def check_layout(model, path, images, min_corr=AE_LAYOUT_MIN_CORR):
 def load_autoencoder(path, ndim, filters=PAPER.ae_filters, nb_features=PAPER.ae_nb_feature_layers, name="ae",
                      inshape=None, frozen=False, probe=None):
     """Build an autoencoder of the given topology and load ``path`` into it: weight shapes checked, and with
-    ``probe`` (a few images (N, *vol) of the data it will be used on) the layout too (:func:`check_layout`)."""
+    ``probe`` (a few images (N, *vol) of the data it will be used on) the layout of a file written elsewhere
+    (not by :func:`save_autoencoder`, e.g. a tfa model's ``.h5``) too (:func:`check_layout`)."""
     model = load_autoencoder_weights(build_autoencoder(ndim, filters, nb_features, name=name, inshape=inshape),
                                      path)
-    if probe is not None:
+    if probe is not None and not written_here(path):
         check_layout(model, path, probe)
     return freeze(model) if frozen else model

@@ -6,10 +6,11 @@ import os
 import time
 import warnings
 
+import numpy as np
 import tensorflow as tf
 
 from ..atomic import write_json
-from ..config import Config
+from ..config import AE_LAYOUT_PROBES, Config
 from ..data.pairs import PairSampler
 from ..errors import ContraRegInputError, ContraRegWarning
 from ..evaluation import lambda_use
@@ -29,21 +30,22 @@ from .loop import (_per_replica_mean, _reduce_terms, any_callback, get_strategy,
 # λ-conditioned registration (paper §2)
 # --------------------------------------------------------------------------------------------------------------
 def build_components(cfg, loss, ae1=None, ae2=None, rand_ae=False, conditioning="film", dns_model=None,
-                     rng=None):
+                     rng=None, probes=(None, None)):
     """Model, head sets and the bidirectional similarity for ``loss`` (a ``--loss`` name or its parsed
     ``LossSpec``; call inside a strategy scope). ``rng``: a ``tf.random.Generator`` for the PatchNCE locations
-    (checkpointed, so resume is exact)."""
+    (checkpointed, so resume is exact). ``probes``: a few training T1w / T2w images that an autoencoder file
+    written elsewhere must reconstruct in the paper layout (``autoencoder.check_layout``)."""
     spec = LossSpec.parse(loss)     # a LossSpec passes through unchanged
     ndim = len(cfg.inshape)
     model = build_hyper_vxm(cfg, conditioning=conditioning)
     heads1 = heads2 = None
     if spec.contrastive:
         aes = []
-        for k, src in enumerate((ae1, ae2)):
+        for k, (src, probe) in enumerate(zip((ae1, ae2), probes)):
             if rand_ae:
                 a = ae_mod.random_autoencoder(ndim, seed=cfg.seed + k, filters=cfg.ae_filters)
             elif isinstance(src, (str, os.PathLike)):
-                a = ae_mod.load_autoencoder(src, ndim, filters=cfg.ae_filters)
+                a = ae_mod.load_autoencoder(src, ndim, filters=cfg.ae_filters, probe=probe)
             elif src is None:
                 raise ContraRegInputError(f"loss {spec.name!r} needs --ae1/--ae2 autoencoder weights or --rand-ae")
             else:
@@ -162,8 +164,9 @@ def setup_registration(cfg: Config, loss, train_arrays, ae1=None, ae2=None, rand
     with strat.scope():
         rng = tf.random.Generator.from_seed(cfg.seed)
         with build_options(mixed_precision=mixed_precision):
+            probes = tuple(np.asarray(train_arrays[m][:AE_LAYOUT_PROBES], np.float32) for m in ("t1", "t2"))
             model, heads1, heads2, sim = build_components(cfg, spec, ae1, ae2, rand_ae, conditioning,
-                                                          dns_model, rng=rng)
+                                                          dns_model, rng=rng, probes=probes)
         if heads is not None:
             if heads1 is None:
                 raise ContraRegInputError(f"--heads: loss {spec.name!r} has no PatchNCE heads")
