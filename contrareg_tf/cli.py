@@ -5,11 +5,15 @@ Contract: bad input (``ContraRegInputError``, including ``RegistrationDiverged``
 ``ContraRegWarning`` is one ``warning: …`` line on stderr and does not change the exit status.
 """
 import argparse
+import errno
 import math
 import sys
 import warnings
 
 from .errors import ContraRegInputError, ContraRegWarning, TrainingDiverged
+
+
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -31,6 +35,13 @@ def run_cli(main, argv=None):
         rc = main(argv)
     except (ContraRegInputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        # a full disk or a read-only / forbidden folder found while writing: the writers are atomic, so nothing
+        # partial was left; one line instead of a traceback
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

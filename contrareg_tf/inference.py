@@ -24,14 +24,24 @@ image is the T1w (``moving_modality='t1'``) is run the other way round and its i
 warp from integrating −v) are used, so either direction uses what the model learned.
 """
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
+import scipy.ndimage as ndi
 
+from . import metrics
+from .atomic import atomic_paths
 from .config import FOREGROUND_LEVEL  # noqa: F401  (foreground for the model window)
+from .data.io import (check_output_paths, check_same_shape, foreground_mask, label_dtype, normalize_intensity,
+                      save_nifti)
+from .data.itk import save_itk_displacement
+from .data.physical import load_pair, sample
 from .errors import ContraRegInputError, ContraRegWarning
+from .networks.hyper import register
+from .runs import load_trained, read_run
 
 MODEL_MARGIN = 2           # model-grid voxels of background kept around the foreground bounding box
 FOLD_WARNING = 20.0        # % folding voxels above which a written result is flagged
@@ -75,8 +85,6 @@ def unet_divisor(cfg) -> int:
 def _foreground(x: np.ndarray) -> np.ndarray:
     """Every voxel above ``FOREGROUND_LEVEL`` of the normalised intensity (no hole filling / components:
     the window must cover every bit of both foregrounds)."""
-    from .data.io import foreground_mask, normalize_intensity
-
     return foreground_mask(normalize_intensity(x), FOREGROUND_LEVEL, fill_holes=False, largest_component=False)
 
 
@@ -102,10 +110,6 @@ def model_window(fixed_c: np.ndarray, moving_c: np.ndarray, spacing_c: Sequence[
 
 def to_window(x: np.ndarray, win: Window) -> np.ndarray:
     """Resample a canonical-grid image into the window (linear, anti-aliased when down-sampling)."""
-    import scipy.ndimage as ndi
-
-    from .data.physical import sample
-
     sig = [max(0.0, (s - 1.0) / 2.0) for s in win.scale]
     x = ndi.gaussian_filter(np.asarray(x, np.float32), sig, mode="nearest") if max(sig) > 0 else x
     return sample(x, np.eye(x.ndim + 1), win.shape, win.affine).astype(np.float32)
@@ -114,8 +118,6 @@ def to_window(x: np.ndarray, win: Window) -> np.ndarray:
 def warp_from_window(u_w: np.ndarray, win: Window, shape: Sequence[int]) -> np.ndarray:
     """A window displacement (window voxels) as a displacement of the canonical fixed grid ``shape``
     (fixed voxels): linear interpolation, constant extension outside the window."""
-    from .data.physical import sample
-
     u = sample(np.asarray(u_w, np.float32), win.affine, shape, np.eye(len(shape) + 1), mode="nearest")
     return (u * np.asarray(win.scale, np.float32)).astype(np.float32)
 
@@ -136,9 +138,6 @@ def register_arrays(model, fixed, moving, lam=None, max_folds=None, moving_modal
     """Register two arrays of the model's input shape (already on one grid, any intensities: each is
     percentile-normalised here). Returns ``(fwd, inv, lam)``: displacements (*vol, ndim) in voxels of that
     grid, moving → fixed and back."""
-    from .data.io import check_same_shape, normalize_intensity
-    from .networks.hyper import register
-
     _validate_request(lam, max_folds, moving_modality)
     check_same_shape(fixed, moving, ("fixed", "moving"))
     shape = tuple(model.inputs[0].shape[1:-1])
@@ -158,13 +157,6 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
                    inverse_warp_out=None, moving_labels=None, moved_labels_out=None, moving_modality="t2",
                    affine="none", itk_warp_out=None, model_spacing=None):
     """File-level registration: validate every argument and input, then compute, then write the outputs."""
-    import os
-
-    from . import metrics
-    from .data.io import check_output_paths
-    from .data.physical import load_pair
-    from .runs import load_trained, read_run
-
     if (moving_labels is None) != (moved_labels_out is None):
         raise ContraRegInputError("--moving-labels and --moved-labels go together")
     inputs = {"--fixed": fixed, "--moving": moving, "--moving-labels": moving_labels,
@@ -198,20 +190,18 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
 
 def write_outputs(pair, res: RegistrationResult, moved_out=None, warp_out=None, inverse_warp_out=None,
                   moved_labels_out=None, itk_warp_out=None):
-    """Write a result on the fixed image's own grid, affine and header (call after every check has passed)."""
-    from .data.io import label_dtype, save_nifti
-    from .data.itk import save_itk_displacement
-
-    if moved_out:
-        save_nifti(moved_out, res.moved, like=pair.fixed)
-    if warp_out:
-        save_nifti(warp_out, res.warp.astype(np.float32), like=pair.fixed)
-    if inverse_warp_out:
-        save_nifti(inverse_warp_out, res.inverse_warp.astype(np.float32), like=pair.fixed)
-    if moved_labels_out:
-        save_nifti(moved_labels_out, res.moved_labels, like=pair.fixed, dtype=label_dtype(pair.moving_labels))
-    if itk_warp_out:
-        save_itk_displacement(itk_warp_out, res.warp, pair.fixed)
+    """Write a result on the fixed image's own grid, affine and header (call after every check has passed), as a
+    set: a failure while writing (a full disk, Ctrl-C) leaves every earlier output file as it was."""
+    writers = {moved_out: lambda p: save_nifti(p, res.moved, like=pair.fixed),
+               warp_out: lambda p: save_nifti(p, res.warp.astype(np.float32), like=pair.fixed),
+               inverse_warp_out: lambda p: save_nifti(p, res.inverse_warp.astype(np.float32), like=pair.fixed),
+               moved_labels_out: lambda p: save_nifti(p, res.moved_labels, like=pair.fixed,
+                                                      dtype=label_dtype(pair.moving_labels)),
+               itk_warp_out: lambda p: save_itk_displacement(p, res.warp, pair.fixed)}
+    writers.pop(None, None)
+    with atomic_paths(list(writers)) as tmps:
+        for tmp, write in zip(tmps, writers.values()):
+            write(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,9 +212,6 @@ def choose_lambda(model, moving, fixed, max_folds, lambdas=None):
     falls (less regularisation) while folding grows, so the best admissible λ is the smallest one under the
     budget; we scan a fine grid (41 values) from 0 upwards and stop at the first admissible λ. Returns
     ``(lam, folds, outputs)``."""
-    from . import metrics
-    from .networks.hyper import register
-
     lambdas = np.linspace(0.0, 1.0, 41) if lambdas is None else lambdas
     for lam in lambdas:
         out = register(model, moving, fixed, lam)

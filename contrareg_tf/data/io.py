@@ -10,6 +10,7 @@ only, and come back as int32 (int64 when a value needs it); :func:`label_dtype` 
 them back with (the file's own integer type, int32 for a float-stored map).
 """
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
@@ -167,9 +168,21 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _check_writable(arg, path, folder):
+    """Create and remove a file in ``folder`` now, so that a read-only folder or file system is one error before the
+    registration runs, not a traceback after it (``os.access`` misses read-only mounts)."""
+    if os.path.isdir(path):
+        raise ContraRegInputError(f"{arg} {path}: is a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".contrareg_write_test_"):
+            pass
+    except OSError as e:
+        raise ContraRegInputError(f"{arg} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
 def check_output_paths(outputs, inputs=None):
     """Validate output paths before anything is computed: ``outputs`` and ``inputs`` map an argument name
-    (e.g. ``--moved``) to a path or None. Each output must end with .nii/.nii.gz, lie in an existing folder,
+    (e.g. ``--moved``) to a path or None. Each output must end with .nii/.nii.gz, lie in an existing, writable folder,
     and differ from every input and from every other output (same real path or hard link)."""
     outs = [(k, os.fspath(p)) for k, p in outputs.items() if p is not None]
     ins = [(k, os.fspath(p)) for k, p in (inputs or {}).items() if p is not None]
@@ -179,6 +192,7 @@ def check_output_paths(outputs, inputs=None):
         folder = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(folder):
             raise ContraRegInputError(f"{k} {p}: output folder {folder} does not exist")
+        _check_writable(k, p, folder)
         for ki, pi in ins:
             if _same_file(p, pi):
                 raise ContraRegInputError(f"{k} {p} is the input {ki}: refusing to overwrite an input")

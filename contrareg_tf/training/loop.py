@@ -24,6 +24,7 @@ uninterrupted run would have drawn. (``tf.random.set_seed`` per step would also 
 caches: 10× slower.)
 """
 import csv
+import glob
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .. import lock
 from ..atomic import atomic_path
 from ..errors import ContraRegInputError, TrainingDiverged
 from ..progress import phase, say
@@ -61,8 +63,6 @@ def get_strategy(name="default"):
         return tf.distribute.MirroredStrategy()
     if name == "multiworker":
         if not _MULTIWORKER:
-            from .. import lock
-
             _check_tf_config()
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
             if not is_chief(strategy):
@@ -218,7 +218,7 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
                         tf.summary.scalar(k, v, step=step + 1)
         stop = False
         if manager is not None and ((step + 1) % ckpt_every == 0 or step + 1 == iters or timeout):
-            manager.save(checkpoint_number=step + 1)
+            _save(manager, step + 1, chief_latest)
             if not progress and step + 1 > step_last:
                 rate = (time.time() - t_last) / (step + 1 - step_last)
                 say(f"{desc}: step {step + 1} of {iters}, " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items())
@@ -232,6 +232,20 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
     if writer is not None:
         writer.flush()
     return history
+
+
+def _save(manager, number, latest):
+    """``manager.save``; when it fails (a full disk, a read-only folder) TF's half-written ``ckpt-N_temp`` folder is
+    removed and one ``ContraRegInputError`` names the checkpoint and the last complete one, which stays usable."""
+    try:
+        manager.save(checkpoint_number=number)
+    except (OSError, tf.errors.OpError) as e:
+        for tmp in glob.glob(os.path.join(manager.directory, f"ckpt-{number}_temp*")):
+            shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.remove(tmp)
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+        raise ContraRegInputError(f"{manager.directory}: cannot write checkpoint {number} ({why}); the last "
+                                  f"complete checkpoint is kept: {latest() or 'none'} (--resume continues "
+                                  "from it)") from None
 
 
 class _NoBar:
