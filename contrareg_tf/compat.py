@@ -59,6 +59,7 @@ if not hasattr(inspect, "getargspec"):
 
 
 def _patch_neurite_mi_print():
+    # lazy: neurite loads TensorFlow, which must follow TF_USE_LEGACY_KERAS (patch 0) and check_keras
     import neurite as ne
 
     cls = ne.losses.MutualInformation
@@ -117,7 +118,7 @@ def _import_tensorflow():
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     with native_log_filter():
-        import tensorflow as tf
+        import tensorflow as tf  # lazy: after TF_USE_LEGACY_KERAS is set (patch 0), its start-up lines filtered
     return tf
 
 
@@ -156,7 +157,7 @@ def deterministic_ops(seed):
     deterministic for a fixed thread count — while it costs step time (0-20 % on a cpu-demo step, measured on a
     shared machine). On a GPU, cuDNN's algorithm choice and atomic reductions (scatter / segment sums in the
     warps' backward pass) differ run to run unless it is on. Process-wide. Returns whether it was turned on."""
-    import tensorflow as tf
+    tf = _import_tensorflow()
 
     if not tf.config.list_physical_devices("GPU"):
         return False

@@ -32,6 +32,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+import voxelmorph as vxm
+from neurite.tf.utils import interpn
 
 from .errors import ContraRegInputError
 
@@ -184,8 +186,6 @@ def resize_linear(x, out_shape: Sequence[int]):
 def warp(vol, disp, interp: str = "linear"):
     """vol (B, *vol, C) sampled at x + disp(x) (voxel units, ij, border-clamped; vxm ``utils.transform`` per
     sample, static batch loop) → float tensor."""
-    import voxelmorph as vxm
-
     return tf.stack([vxm.utils.transform(vol[b], disp[b], interp_method=interp, fill_value=None)
                      for b in range(vol.shape[0])])
 
@@ -195,16 +195,12 @@ def sample(vol, loc, interp: str = "linear"):
     border-clamped; vxm/neurite ``interpn`` per sample, static batch loop) → (B, *pts, C). ``warp(vol, u)``
     is ``sample(vol, grid + u)``; this form reads a subset of points (instance optimisation's strided
     sampling)."""
-    from neurite.tf.utils import interpn
-
     return tf.stack([interpn(vol[b], loc[b], interp_method=interp, fill_value=None)
                      for b in range(vol.shape[0])])
 
 
 def integrate(vel, int_steps: int):
     """Scaling and squaring of voxel SVFs (B, *vol, ndim) (vxm ``utils.integrate_vec``, static batch loop)."""
-    import voxelmorph as vxm
-
     return tf.stack([vxm.utils.integrate_vec(vel[b], method="ss", nb_steps=int(int_steps))
                      for b in range(vel.shape[0])])
 

@@ -5,13 +5,17 @@ and read — checked before anything is built — by inference, evaluation and t
 import dataclasses
 import json
 import os
+import shutil
 
+import h5py
 import numpy as np
 import tensorflow as tf
 
 from .atomic import atomic_path
-from .config import PAPER, Config
+from .config import PAPER, Config, SynthMorphConfig
 from .errors import ContraRegInputError
+from .networks.hyper import build_hyper_vxm, load_registration_weights
+from .networks.synthmorph import SynthMorphVxm
 
 __all__ = ["save_trained", "save_trained_heads", "load_trained_heads", "data_spacing", "config_from_meta", "synthmorph_config", "read_run",
            "load_trained", "prepare_run_dir"]
@@ -83,8 +87,6 @@ def _mistyped(cfg):
 
 def synthmorph_config(meta):
     """The ``SynthMorphConfig`` of a SynthMorph run's ``config.json`` (JSON lists back to tuples)."""
-    from .config import SynthMorphConfig
-
     try:
         return SynthMorphConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in (meta.get("synthmorph") or {}).items()})
@@ -96,8 +98,6 @@ def read_run(run_dir):
     """Read and check a ``train_hyper.py`` output folder before anything is built: ``config.json`` must be
     valid JSON with a complete ``config`` entry, ``model.h5`` a readable HDF5 file. Returns ``(meta, cfg)``;
     every problem is a ``ContraRegInputError`` naming the file."""
-    import h5py
-
     cfg_path = os.path.join(run_dir, "config.json")
     w_path = os.path.join(run_dir, "model.h5")
     for p in (cfg_path, w_path):
@@ -135,13 +135,10 @@ def load_trained(run_dir, inshape=None):
     (config.json + model.h5). ``inshape`` lets a
     fully-convolutional model run on another grid of compatible size. Returns ``(model, meta)``; a missing,
     truncated or incomplete file is a ``ContraRegInputError`` naming it."""
-    from .networks.hyper import build_hyper_vxm, load_registration_weights
-
     meta, cfg = read_run(run_dir)
     if inshape is not None:
         cfg = dataclasses.replace(cfg, inshape=tuple(inshape))
     if meta.get("method") == "synthmorph":     # SynthMorph: one network, λ input ignored (training/synthmorph.py)
-        from .networks.synthmorph import SynthMorphVxm
         model = SynthMorphVxm(cfg, synthmorph_config(meta))
     else:
         model = build_hyper_vxm(cfg, conditioning=meta.get("conditioning", "film"))
@@ -196,8 +193,6 @@ def prepare_run_dir(out_dir, meta, resume=False, overwrite=False, inputs=()):
     ``resume`` (the same run: every setting but ``RESUMABLE_KEYS`` equal — the error names each difference) or
     ``overwrite`` (its earlier outputs are removed here, after the checks). ``inputs``: files the run reads
     (autoencoders, heads, data); none may be one of its outputs. Every refusal is a ``ContraRegInputError``."""
-    import shutil
-
     outs = {os.path.realpath(os.path.join(out_dir, n)) for n in RUN_OUTPUTS}
     for p in inputs:
         if p is not None and os.path.realpath(p) in outs:

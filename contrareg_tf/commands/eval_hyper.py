@@ -5,6 +5,7 @@
 """
 import argparse
 
+from contrareg_tf import experiment
 from contrareg_tf.cli import add_grid_options, console, percent, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import FOLD_BUDGET
@@ -27,8 +28,6 @@ def parse(argv):
 
 def main(argv=None):
     a = parse(argv)
-    from contrareg_tf import experiment
-
     if a.spacing is not None and a.data is None:
         raise ContraRegInputError("--spacing applies to --data; the built-in data is built on the runs' grid")
     deterministic_ops(0)  # GPU: identical re-runs (CPU kernels already are; compat.py)

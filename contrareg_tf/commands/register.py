@@ -22,6 +22,7 @@ input or another output.
 import argparse
 
 from contrareg_tf.cli import add_pair_outputs, console, percent, positive_float, unit_float
+from contrareg_tf.inference import register_files
 
 
 
@@ -46,8 +47,6 @@ def parse(argv):
 
 def main(argv=None):
     a = parse(argv)
-    from contrareg_tf.inference import register_files
-
     res = register_files(a.model, a.fixed, a.moving, a.moved, lam=a.lam, max_folds=a.max_folds,
                          warp_out=a.warp, inverse_warp_out=a.inverse_warp, moving_labels=a.moving_labels,
                          moved_labels_out=a.moved_labels, moving_modality=a.moving_modality, affine=a.affine,

@@ -17,10 +17,12 @@ method, evaluates the 17 λ values, prints Table 1 and writes table1.md/csv, fig
 import argparse
 import dataclasses
 
+from contrareg_tf import experiment
 from contrareg_tf.cli import add_grid_options, console, positive_int
 from contrareg_tf.compat import deterministic_ops
-from contrareg_tf.config import TABLE1_A
+from contrareg_tf.config import TABLE1_A, get_preset
 from contrareg_tf.data.grid import grid_config
+from contrareg_tf.errors import ContraRegInputError
 
 
 
@@ -51,11 +53,6 @@ def parse(argv):
 
 def main(argv=None):
     a = parse(argv)
-    from contrareg_tf import experiment
-    from contrareg_tf.config import get_preset
-
-    from contrareg_tf.errors import ContraRegInputError
-
     if a.rows is not None and a.methods is not None:
         raise ContraRegInputError("give --rows or --methods, not both")
     rows = None if a.rows is None else [r for r in a.rows.replace(" ", ",").split(",") if r]

@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import sys
 
+from contrareg_tf import experiment
 from contrareg_tf.cli import console, nonnegative_int, positive_float, positive_int, positive_ints
 from contrareg_tf.compat import deterministic_ops
+from contrareg_tf.config import get_preset
 from contrareg_tf.data.grid import grid_config
 from contrareg_tf.errors import ContraRegInputError
 
@@ -48,9 +50,6 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    from contrareg_tf import experiment
-    from contrareg_tf.config import get_preset
-
     cfg = get_preset(args.preset)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)

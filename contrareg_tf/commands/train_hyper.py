@@ -28,18 +28,19 @@ import argparse
 import dataclasses
 import sys
 
+from contrareg_tf import experiment
 from contrareg_tf.cli import add_grid_options, console, int_steps, nonnegative_int, positive_float, positive_int
 from contrareg_tf.compat import deterministic_ops
-from contrareg_tf.config import HYP_ACTIVATIONS
+from contrareg_tf.config import HYP_ACTIVATIONS, SYNTHMORPH_METHODS, get_preset
 from contrareg_tf.data.grid import grid_config
 from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf.lock import out_dir_lock
+from contrareg_tf.losses.similarity import LOSS_NAMES
+from contrareg_tf.training.loop import get_strategy
 
 
 
 def parse(argv):
-    from contrareg_tf.config import SYNTHMORPH_METHODS
-    from contrareg_tf.losses.similarity import LOSS_NAMES
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--loss", required=True, choices=LOSS_NAMES + SYNTHMORPH_METHODS, metavar="LOSS",
                    help=f"similarity of the λ-conditioned network ({', '.join(LOSS_NAMES)}), or a SynthMorph "
@@ -86,9 +87,6 @@ def parse(argv):
 
 def main(argv=None):
     args = parse(argv)
-    from contrareg_tf.config import get_preset
-    from contrareg_tf.lock import out_dir_lock
-
     if args.resume and args.overwrite:
         raise ContraRegInputError("--resume and --overwrite exclude each other")
     cfg = get_preset(args.preset)
@@ -99,7 +97,6 @@ def main(argv=None):
     command = " ".join(sys.argv)
     if args.strategy == "multiworker":
         # TF configures the collectives at program start-up, and the task names this worker's lock
-        from contrareg_tf.training.loop import get_strategy
         get_strategy("multiworker")
     deterministic_ops(cfg.seed)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     with out_dir_lock(args.out, command):  # before the data are built: a second run stops at once
@@ -109,9 +106,6 @@ def main(argv=None):
 
 
 def _train(args, cfg, spacing, command):
-    from contrareg_tf import experiment
-    from contrareg_tf.config import SYNTHMORPH_METHODS
-
     if args.remat and args.loss in SYNTHMORPH_METHODS:
         raise ContraRegInputError(f"{args.loss}: --remat applies to the λ-conditioned network only")
     extra = {"remat": True} if args.remat else {}   # only when set: the SynthMorph trainer has no such option

@@ -38,6 +38,7 @@ from ..errors import ContraRegInputError
 from ..ops import check_image, warp_array as warp  # noqa: F401  (warp: public re-export)
 from .layers import FiLM, NearestUpsample
 from .memory import current_options, mixed_precision_build
+from .weights import load_weights
 
 CONDITIONINGS = ("film", "hyperconv")
 
@@ -298,6 +299,4 @@ def register(model, moving, fixed, lam, batch_size=1):
 def load_registration_weights(model, path):
     """``model.load_weights(path)`` after checking the ``.h5`` file's layers / weight shapes against the
     model (``ContraRegInputError`` naming the first mismatch)."""
-    from .weights import load_weights
-
     return load_weights(model, path)

@@ -5,9 +5,14 @@ import time
 
 import numpy as np
 import tensorflow as tf
+import voxelmorph as vxm
 
 from ..atomic import write_json
 from ..config import PAPER, Config
+from ..data import augment
+from ..losses.patchnce import PatchNCE
+from ..networks.autoencoder import build_autoencoder, feature_channels, save_autoencoder
+from ..networks.heads import build_heads
 from ..runs import save_trained_heads
 from .loop import run_loop, step_rng
 
@@ -17,8 +22,6 @@ from .loop import run_loop, step_rng
 # --------------------------------------------------------------------------------------------------------------
 def reconstruction_loss(x, recon, win=PAPER.ae_ncc_win):
     """Per-sample L1 + local NCC (window 7) (paper §3; vxm's NCC loss is −NCC)."""
-    import voxelmorph as vxm
-
     ndim = len(x.shape) - 2
     l1 = tf.reduce_mean(tf.abs(x - recon), axis=list(range(1, ndim + 2)))
     ncc = vxm.losses.NCC(win=[win] * ndim).loss(x, recon)
@@ -26,8 +29,6 @@ def reconstruction_loss(x, recon, win=PAPER.ae_ncc_win):
 
 
 def _augment_batch(images, step, seed, crop, batch_size, stream=0):
-    from ..data import augment
-
     rng = step_rng(seed, step, stream)
     idx = rng.integers(0, images.shape[0], batch_size)
     out = []
@@ -44,8 +45,6 @@ def train_autoencoder(cfg: Config, images, out_path, modality="t1", iters=None, 
                       resume=False, progress=True, seed=None, command=None):
     """Pretrain one modality's autoencoder on random crops (``cfg.ae_crop``) with flips and intensity
     jitter; L1 + local NCC. Writes ``out_path`` (.h5) and ``out_path`` with ``.json`` (model card)."""
-    from ..networks.autoencoder import build_autoencoder, save_autoencoder
-
     images = np.asarray(images, np.float32)
     ndim = images.ndim - 1
     iters = int(cfg.iters if iters is None else iters)
@@ -87,10 +86,6 @@ def train_sup_pretrain(cfg: Config, arrays, out_dir, iters=None, lr=None, batch_
     """SupPretrain (paper §3): A1, A2, F1, F2 trained jointly on aligned same-subject pairs with
     λsp·d12(I1, I2) + Σ_i (L1 + NCC)(I_i, Î_i), λsp = 0.1. Writes ``ae_t1.h5``, ``ae_t2.h5``,
     ``heads1.h5``, ``heads2.h5`` and ``card.json`` in ``out_dir``."""
-    from ..losses.patchnce import PatchNCE
-    from ..networks.autoencoder import build_autoencoder, feature_channels, save_autoencoder
-    from ..networks.heads import build_heads
-
     t1, t2 = np.asarray(arrays["t1"], np.float32), np.asarray(arrays["t2"], np.float32)
     ndim = t1.ndim - 1
     iters = int(cfg.iters if iters is None else iters)

@@ -38,12 +38,18 @@ import os
 import time
 from typing import Callable, NamedTuple
 
+import neurite as ne
 import numpy as np
 import tensorflow as tf
+import voxelmorph as vxm
+from neurite.tf.utils.augment import draw_perlin
 
+from .. import ops
 from ..atomic import write_json
 from ..config import SM_PAPER, SYNTHMORPH_METHODS, Config, SynthMorphConfig
 from ..errors import ContraRegInputError
+from ..lock import out_dir_lock
+from ..networks.synthmorph import NAME, SynthMorphVxm, build_core, copy_weights
 from ..runs import data_spacing, prepare_run_dir, save_trained
 from .loop import (_per_replica_mean, _reduce_terms, get_strategy, is_chief, peak_rss_mb, run_loop, step_rng,
                    val_curve_callback)
@@ -71,8 +77,6 @@ def shape_label_maps(cfg: Config, sm: SynthMorphConfig = SM_PAPER, train_arrays=
     """SM-shapes: ``sm.shape_maps`` maps (N, *inshape), uint8 labels 0..``shape_labels``−1, each the argmax
     over ``shape_labels`` channels of neurite's ``draw_perlin`` noise at ``shape_points`` samples along the
     longest axis (per-scale std ~ U[0, 1]). Deterministic for ``cfg.seed`` (TF's seed is reset first)."""
-    from neurite.tf.utils.augment import draw_perlin
-
     inshape = tuple(int(s) for s in cfg.inshape)
     scales = [max(inshape) / float(p) for p in sm.shape_points]
     tf.random.set_seed(cfg.seed)            # fresh kernels: the same pool whatever ran before in this process
@@ -143,8 +147,6 @@ class LabelMapSampler:
 # --------------------------------------------------------------------------------------------------------------
 def dice_loss(y_true, y_pred):
     """SynthMorph's data term: 1 + voxelmorph 0.2 ``Dice().loss`` (soft Dice, mean over batch and channels)."""
-    import voxelmorph as vxm
-
     y_true, y_pred = (tf.convert_to_tensor(y, tf.float32) for y in (y_true, y_pred))
     return 1.0 + vxm.losses.Dice().loss(y_true, y_pred)
 
@@ -152,8 +154,6 @@ def dice_loss(y_true, y_pred):
 def synthesizer(cfg: Config, sm: SynthMorphConfig, label_ids, id=0, **extra):
     """One ``neurite.models.labels_to_image`` with SynthMorph's settings: label map (B, *vol, 1) →
     [image (B, *vol, 1), deformed one-hot map (B, *vol, L), …] (``extra``: e.g. ``return_def=True``)."""
-    import neurite as ne
-
     return ne.models.labels_to_image(
         list(cfg.inshape), list(label_ids), warp_std=sm.vel_std, warp_res=list(sm.vel_res), bias_std=sm.bias_std,
         bias_res=list(sm.bias_res), blur_std=sm.blur_std, gamma_std=sm.gamma_std,
@@ -163,10 +163,6 @@ def synthesizer(cfg: Config, sm: SynthMorphConfig, label_ids, id=0, **extra):
 def build_training_model(cfg: Config, sm: SynthMorphConfig, label_ids):
     """voxelmorph 0.2's SynthMorph training graph: two synthesizers → ``VxmDense(input_model=…)`` → m1∘φ.
     Returns ``(core, model)``: the ``VxmDense`` and ``[labels1, labels2] → [m1∘φ, m2, u, image1, image2]``."""
-    import voxelmorph as vxm
-
-    from ..networks.synthmorph import NAME, build_core
-
     gens = [synthesizer(cfg, sm, label_ids, id=i) for i in (0, 1)]
     (ima1, map1), (ima2, map2) = (g.outputs[:2] for g in gens)
     input_model = tf.keras.Model(gens[0].inputs + gens[1].inputs, [ima1, ima2], name=f"{NAME}_synth")
@@ -178,8 +174,6 @@ def build_training_model(cfg: Config, sm: SynthMorphConfig, label_ids):
 
 def make_train_step(train_model, variables, optimizer, reg_weight, strategy, global_batch):
     """One Adam step on 1 + Dice(m2, m1∘φ) + reg_weight · Grad_l2(u)."""
-    from .. import ops
-
     def replica_step(b):
         with tf.GradientTape() as tape:
             pred, map2, flow, _, _ = train_model([b["labels1"], b["labels2"]], training=True)
@@ -209,8 +203,6 @@ def train_synthmorph(cfg: Config, method, out_dir, train_arrays=None, sm: SynthM
     command, validate (``validate(model) -> float`` at every checkpoint, logged to ``val_curve.csv``), overwrite
     (``runs.prepare_run_dir``: an ``out_dir`` holding a run needs ``resume`` of the same run or ``overwrite``).
     ``out_dir`` is locked for the run; ``out_dir=None`` writes nothing (tests)."""
-    from ..lock import out_dir_lock
-
     if out_dir is None:
         return _train(cfg, method, None, train_arrays, sm, **kwargs)
     with out_dir_lock(out_dir, kwargs.get("command")):
@@ -219,8 +211,6 @@ def train_synthmorph(cfg: Config, method, out_dir, train_arrays=None, sm: SynthM
 
 def _train(cfg, method, out_dir, train_arrays, sm, label_maps=None, iters=None, lr=None, batch_size=None,
            resume=False, strategy="default", progress=True, command=None, validate=None, overwrite=False):
-    from ..networks.synthmorph import NAME, SynthMorphVxm, copy_weights
-
     method = str(method).strip().lower()
     if method not in METHODS:
         raise ContraRegInputError(f"unknown SynthMorph method {method!r}; choose one of {', '.join(METHODS)}")
