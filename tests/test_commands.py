@@ -83,6 +83,10 @@ def test_help_keeps_examples_and_names_only_existing_options(name, capsys):
     ("train_autoencoder", ["--modality", "t1", "--out", "a.h5", "--grid", "96,0,96"], "--grid"),
     ("train_autoencoder", ["--modality", "t1", "--out", "a.h5", "--spacing", "inf"], "--spacing"),
     ("train_autoencoder", ["--modality", "t1", "--out", "a.h5", "--seed", "-1"], "--seed"),
+    ("train_dns", ["--out", "d.h5", "--iters", "0"], "--iters"),
+    ("train_dns", ["--out", "d.h5", "--tau", "0"], "--tau"),
+    ("train_dns", ["--out", "d.h5", "--crop", "32", "-32"], "--crop"),
+    ("train_dns", ["--out", "d.h5", "--split", "tset"], "--split"),
 ])
 def test_numbers_out_of_range_are_one_usage_error(name, argv, flag, capsys):
     with pytest.raises(SystemExit) as e:

@@ -15,7 +15,7 @@ import argparse
 import shlex
 import sys
 
-from contrareg_tf.cli import console
+from contrareg_tf.cli import console, nonnegative_int, positive_float, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import PRESETS, get_preset
 from contrareg_tf.errors import ContraRegInputError
@@ -26,28 +26,31 @@ from contrareg_tf.networks import masr
 from contrareg_tf.training import train_masr
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's example commands as written, and each option's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     p.add_argument("--data", default=None,
                    help="data-set CSV or folder (subject/{t1,t2,labels[,mask]}.nii.gz); default: built-in proxy "
                         "of the preset")
     p.add_argument("--preset", default="small3d", choices=sorted(PRESETS),
                    help="proxy shape/spacing/subjects (and default --iters)")
-    p.add_argument("--iters", type=int, default=None, help="training steps (default: the preset's iters)")
-    p.add_argument("--lr", type=float, default=masr.DNS_LR, help="Adam learning rate")
-    p.add_argument("--num-samples", type=int, default=masr.DNS_NUM_SAMPLES,
+    p.add_argument("--iters", type=positive_int, default=None, help="training steps (default: the preset's iters)")
+    p.add_argument("--lr", type=positive_float, default=masr.DNS_LR, help="Adam learning rate")
+    p.add_argument("--num-samples", type=positive_int, default=masr.DNS_NUM_SAMPLES,
                    help="sampled foreground locations per step (N^k)")
-    p.add_argument("--tau", type=float, default=masr.DNS_TAU, help="InfoNCE temperature")
-    p.add_argument("--crop", type=int, nargs="+", default=None,
+    p.add_argument("--tau", type=positive_float, default=masr.DNS_TAU, help="InfoNCE temperature")
+    p.add_argument("--crop", type=positive_int, nargs="+", default=None,
                    help="train on random crops of this size (multiples of 8); default: whole images")
-    p.add_argument("--widths", type=int, nargs=4, default=list(masr.DNS_WIDTHS), help="encoder widths")
-    p.add_argument("--feat-channels", type=int, default=masr.DNS_FEAT_CHANNELS, help="C_h")
-    p.add_argument("--dilation", type=int, default=masr.DNS_DILATION, help="radius of the dilated layout")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--widths", type=positive_int, nargs=4, default=list(masr.DNS_WIDTHS), help="encoder widths")
+    p.add_argument("--feat-channels", type=positive_int, default=masr.DNS_FEAT_CHANNELS, help="C_h")
+    p.add_argument("--dilation", type=positive_int, default=masr.DNS_DILATION, help="radius of the dilated layout")
+    p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop early after this much training time (the card records the steps done)")
-    p.add_argument("--split", default="train", help="subjects to train on (train/val/test/all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", choices=("train", "val", "test", "all"), help="subjects to train on (train/val/test/all)")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     p.add_argument("--out", required=True, help="output weights (.h5); the card goes to <out>.json")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--resume", action="store_true",
