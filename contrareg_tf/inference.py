@@ -37,7 +37,7 @@ from .atomic import atomic_paths
 from .config import FOREGROUND_LEVEL  # noqa: F401  (foreground for the model window)
 from .data.io import (check_output_paths, check_same_shape, foreground_mask, label_dtype, normalize_intensity,
                       save_nifti)
-from .data.itk import save_itk_displacement
+from .data.itk import check_itk_export, save_itk_displacement
 from .data.physical import load_pair, sample
 from .errors import ContraRegInputError, ContraRegWarning
 from .networks.hyper import register
@@ -168,8 +168,8 @@ def register_files(run_dir, fixed, moving, moved_out, lam=None, max_folds=None, 
     meta, cfg = read_run(run_dir)
     spacing = float(model_spacing if model_spacing is not None else meta.get("data_spacing", cfg.spacing))
     pair = load_pair(fixed, moving, moving_labels=moving_labels, affine=affine, ndim=len(cfg.inshape))
-    if itk_warp_out and pair.ndim != 3:
-        raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
+    if itk_warp_out:
+        check_itk_export(pair.fixed)
     win = model_window(pair.fixed_c, pair.moving_c, pair.spacing_c, spacing, unet_divisor(cfg))
     model, _ = load_trained(run_dir, inshape=win.shape)
     fwd, inv, lam = register_arrays(model, to_window(pair.fixed_c, win), to_window(pair.moving_c, win),

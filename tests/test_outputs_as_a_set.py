@@ -84,3 +84,36 @@ def test_a_full_disk_during_training_leaves_no_temp_checkpoint(tmp_path, monkeyp
         loop.run_loop(lambda b: {"loss": tf.constant(1.0)}, lambda s: {"x": np.zeros((1, 1), np.float32)}, ckpt,
                       str(tmp_path), iters=6, ckpt_every=2, progress=False)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["checkpoint", "ckpt-2.data-00000-of-00001", "ckpt-2.index"]
+
+
+def test_itk_export_refuses_a_sheared_fixed_grid(tmp_path):                      # N15
+    from contrareg_tf.data.itk import check_itk_export
+    from contrareg_tf.data.io import Volume
+
+    sheared = np.diag([1.0, 1.0, 1.0, 1.0])
+    sheared[0, 1] = 0.3                                                        # x picks up 0.3 mm per y voxel
+    rotated = np.eye(4)
+    rotated[:3, :3] = [[0, -2, 0], [1, 0, 0], [0, 0, 1.5]]                     # permuted, scaled: orthogonal
+    vol = lambda a, shape=(4, 4, 4): Volume(data=np.zeros(shape, np.float32), affine=a, header=None, path="f.nii.gz")
+    check_itk_export(vol(rotated))
+    with pytest.raises(ContraRegInputError, match="f.nii.gz has a sheared affine"):
+        check_itk_export(vol(sheared))
+    with pytest.raises(ContraRegInputError, match="3-D only"):
+        check_itk_export(vol(np.eye(4), (4, 4)))
+
+
+def test_negative_and_empty_label_maps_are_refused_naming_the_file(tmp_path):     # N17
+    import nibabel as nib
+
+    from contrareg_tf.data.dataset import Subject, load_subject
+
+    img = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    files = {}
+    for name, arr in (("t1", img), ("t2", img), ("neg", np.full((8, 8, 8), -1, np.int16)),
+                      ("zero", np.zeros((8, 8, 8), np.int16))):
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), files[name])
+    with pytest.raises(ContraRegInputError, match=r"neg.nii.gz: label map must hold labels ≥ 0"):
+        io.load_labels(files["neg"])
+    with pytest.raises(ContraRegInputError, match=r"zero.nii.gz: subject 's1': the label map has no structure"):
+        load_subject(Subject("s1", files["t1"], files["t2"], files["zero"]))

@@ -263,6 +263,9 @@ def load_subject(s: Subject, ndim: Optional[int] = None, with_labels: bool = Tru
     for key in ("t2", "labels", "mask"):
         if key in vols:
             check_same_shape(vols["t1"], vols[key], ("t1", key))
+    if "labels" in vols and not np.any(vols["labels"].data):
+        raise ContraRegInputError(f"{vols['labels'].path}: subject {s.subject!r}: the label map has no structure "
+                                  "(every voxel is 0): nothing to score Dice on")
     m = vols["mask"].data > 0 if "mask" in vols else None
     out = {"labels": vols["labels"].data if "labels" in vols else None, "affine": vols["t1"].affine,
            "ndim_file": vols["t1"].data.ndim}

@@ -122,7 +122,7 @@ def _checked_affine(img, p, nspat):
 
 
 def load_labels(path, ndim: Optional[int] = None, name: Optional[str] = None) -> Volume:
-    """Load a label map: integer values only (a non-integer voxel is an error naming the file), returned as
+    """Load a label map: integer values ≥ 0 only (0 = background; anything else is an error naming the file), returned as
     int32, or int64 when a label lies outside int32's range. ``name`` (e.g. ``--moving-labels``) prefixes
     the message."""
     vol = load_nifti(path, ndim=ndim, dtype=np.float64)
@@ -132,7 +132,10 @@ def load_labels(path, ndim: Optional[int] = None, name: Optional[str] = None) ->
     if bad.any():
         raise ContraRegInputError(f"{what}: label map must hold integer labels; {int(bad.sum())} voxels are not "
                                   f"integers (e.g. {vol.data[bad].flat[0]:g})")
-    fits = lab.size == 0 or (np.iinfo(np.int32).min <= lab.min() and lab.max() <= np.iinfo(np.int32).max)
+    if lab.size and lab.min() < 0:
+        raise ContraRegInputError(f"{what}: label map must hold labels ≥ 0 (0 = background); "
+                                  f"{int((lab < 0).sum())} voxels are negative (e.g. {lab[lab < 0].flat[0]:g})")
+    fits = lab.size == 0 or lab.max() <= np.iinfo(np.int32).max
     vol.data = lab.astype(np.int32 if fits else np.int64)
     return vol
 

@@ -108,6 +108,21 @@ def itk_displacement(warp: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return (u @ (lps_flip(3) @ a).T).astype(np.float32)
 
 
+def check_itk_export(fixed: Volume, arg="--itk-warp", tol=1e-4):
+    """Refuse, before any work, a fixed image whose grid an ITK displacement field cannot describe: the export is
+    3-D only, and ITK images have orthogonal axes (direction = rotation / reflection), so a sheared fixed affine
+    would be written as a file ANTs cannot read."""
+    if fixed.ndim != 3:
+        raise ContraRegInputError(f"{arg}: the ITK displacement export is 3-D only")
+    a = np.asarray(fixed.affine, np.float64)[:3, :3]
+    d = a / np.linalg.norm(a, axis=0)
+    shear = float(np.abs(d.T @ d - np.eye(3)).max())
+    if shear > tol:
+        raise ContraRegInputError(f"{arg}: the fixed image {fixed.path} has a sheared affine (axes not orthogonal, "
+                                  f"|DᵀD − I| = {shear:.2g}); an ITK field needs orthogonal axes — resample the fixed "
+                                  "image to an unsheared grid, or use --warp")
+
+
 def save_itk_displacement(path, warp: np.ndarray, like: Volume) -> str:
     """Write a warp (fixed voxels) as an ITK/ANTs displacement field NIfTI (module docstring); atomic."""
     if like.ndim != 3:

@@ -20,6 +20,7 @@ import numpy as np
 from .. import metrics
 from ..config import IO_PAPER, IOConfig
 from ..data.io import check_output_paths, normalize_intensity
+from ..data.itk import check_itk_export
 from ..data.physical import load_pair, voxel_spacing
 from ..errors import ContraRegInputError
 from ..inference import RegistrationResult, warn_if_folding, write_outputs
@@ -83,8 +84,8 @@ def instance_opt_files(fixed, moving, features="mindssc", moved_out=None, warp_o
 
     t0 = time.perf_counter()     # timed, not announced: a bad input here must stay the only stderr line
     pair = load_pair(fixed, moving, moving_labels=moving_labels, fixed_labels=fixed_labels, affine=affine)
-    if itk_warp_out and pair.ndim != 3:
-        raise ContraRegInputError("--itk-warp: the ITK displacement export is 3-D only")
+    if itk_warp_out:
+        check_itk_export(pair.fixed)
     check_io(schedule, pair.fixed_c.shape)
     fx, mv = pair.fixed_c, pair.moving_c
     if normalize:
