@@ -176,15 +176,16 @@ def _differences(old, new, prefix=""):
     return out
 
 
-def _with_field_defaults(meta):
-    """``meta`` whose ``config`` has every ``Config`` field: one written before a field existed ran with the
-    field's declared default (a later option such as ``hyp_activation`` does not make an old run another run)."""
-    cfg = meta.get("config")
-    if not isinstance(cfg, dict):
-        return meta
+def _with_field_defaults(old, new):
+    """``old`` (a run's ``config.json``) whose ``config`` also has the ``Config`` fields that ``new`` records and
+    ``old`` lacks, at their declared defaults: a run written before a field existed ran with that default (a later
+    option such as ``hyp_activation`` does not make an old run another run)."""
+    cfg, cfg_new = old.get("config"), new.get("config")
+    if not isinstance(cfg, dict) or not isinstance(cfg_new, dict):
+        return old
     defaults = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
-    filled = {**json.loads(json.dumps(defaults)), **cfg}
-    return {**meta, "config": filled}
+    added = {k: v for k, v in json.loads(json.dumps(defaults)).items() if k in cfg_new and k not in cfg}
+    return {**old, "config": {**cfg, **added}}
 
 
 def prepare_run_dir(out_dir, meta, resume=False, overwrite=False, inputs=()):
@@ -224,6 +225,7 @@ def prepare_run_dir(out_dir, meta, resume=False, overwrite=False, inputs=()):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ContraRegInputError(f"{cfg_path}: cannot read the run to resume ({type(e).__name__}: {e})") from None
-    diff = _differences(_with_field_defaults(old), json.loads(json.dumps(meta)))
+    new = json.loads(json.dumps(meta))
+    diff = _differences(_with_field_defaults(old, new), new)
     if diff:
         raise ContraRegInputError(f"--resume {out_dir}: not the same run — " + "; ".join(diff))

@@ -54,7 +54,7 @@ def test_activation_flows_from_config_and_is_validated():
 def test_a_run_written_before_the_option_existed_is_the_same_run():
     cfg = json.loads(json.dumps(dataclasses.asdict(get_preset("tiny2d"))))
     old = {"config": {k: v for k, v in cfg.items() if k != "hyp_activation"}}
-    assert _differences(_with_field_defaults(old), {"config": cfg}) == []
+    assert _differences(_with_field_defaults(old, {"config": cfg}), {"config": cfg}) == []
     cfg["hyp_activation"] = "leaky_relu"
-    assert _differences(_with_field_defaults(old), {"config": cfg}) == \
+    assert _differences(_with_field_defaults(old, {"config": cfg}), {"config": cfg}) == \
         ["config.hyp_activation: 'relu' in the run, 'leaky_relu' now"]
