@@ -23,26 +23,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "data"))
 
 from contrareg_tf import assets, experiment  # noqa: E402
 from contrareg_tf.config import get_preset  # noqa: E402
-from contrareg_tf.networks.autoencoder import build_autoencoder, load_autoencoder  # noqa: E402
-from make_ae_layout_fixtures import wrong_layout_ae  # noqa: E402
-
-
-def fit(model, x, iters, seed=0):
-    opt, rng = tf.keras.optimizers.Adam(1e-3), np.random.default_rng(seed)
-
-    @tf.function
-    def step(b):
-        with tf.GradientTape() as t:
-            loss = tf.reduce_mean(tf.abs(model(b)[0] - b))
-        opt.apply_gradients(zip(t.gradient(loss, model.trainable_variables), model.trainable_variables))
-
-    for _ in range(iters):
-        step(x[rng.integers(0, len(x), 4)])
-
-
-def corr(model, images):
-    rec = model(images[..., None])[0].numpy()[..., 0]
-    return [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(rec, images)]
+from contrareg_tf.networks.autoencoder import build_autoencoder, load_autoencoder, reconstruction_corr  # noqa: E402
+from make_ae_layout_fixtures import fit, wrong_layout_ae  # noqa: E402
 
 
 def main():
@@ -59,15 +41,17 @@ def main():
     for label, model in (("other layout (pool / up-sample after conv)", wrong_layout_ae(cfg.ae_filters)),
                          ("paper layout", build_autoencoder(2, filters=cfg.ae_filters))):
         fit(model, x, a.iters)
-        rows.append((f"{label}, in its own layout", corr(model, te["t1"])))
+        rows.append((f"{label}, in its own layout", reconstruction_corr(model, te["t1"])))
         path = os.path.join(tmp, "ae.h5")
         model.save_weights(path)
-        rows.append((f"{label}, loaded into the paper layout", corr(load_autoencoder(path, 2, cfg.ae_filters),
-                                                                    te["t1"])))
+        loaded = load_autoencoder(path, 2, cfg.ae_filters)
+        rows.append((f"{label}, loaded into the paper layout", reconstruction_corr(loaded, te["t1"])))
     for m in ("t1", "t2"):
         shipped = load_autoencoder(assets.shipped(f"ae_{m}_cpu-demo.h5"), 2, cfg.ae_filters)
-        rows.append((f"shipped cpu-demo A{m[-1]} (paper layout) on test {m.upper()}w", corr(shipped, te[m])))
-    rows.append(("random weights (seed 3), paper layout", corr(build_autoencoder(2, cfg.ae_filters, seed=3), te["t1"])))
+        rows.append((f"shipped cpu-demo A{m[-1]} (paper layout) on test {m.upper()}w",
+                     reconstruction_corr(shipped, te[m])))
+    rows.append(("random weights (seed 3), paper layout",
+                 reconstruction_corr(build_autoencoder(2, cfg.ae_filters, seed=3), te["t1"])))
     print(f"| autoencoder ({a.iters} training iterations unless stated) | r per test slice | min |")
     print("|---|---|---|")
     for label, r in rows:

@@ -9,7 +9,7 @@ from contrareg_tf import experiment
 from contrareg_tf.cli import add_grid_options, console, percent, positive_int
 from contrareg_tf.compat import deterministic_ops
 from contrareg_tf.config import FOLD_BUDGET
-from contrareg_tf.errors import ContraRegInputError
+from contrareg_tf.data.grid import check_needs_data
 
 
 
@@ -28,8 +28,7 @@ def parse(argv):
 
 def main(argv=None):
     a = parse(argv)
-    if a.spacing is not None and a.data is None:
-        raise ContraRegInputError("--spacing applies to --data; the built-in data is built on the runs' grid")
+    check_needs_data(a)            # the grid is each run's; --spacing resamples --data
     deterministic_ops(0)  # GPU: identical re-runs (CPU kernels already are; compat.py)
     table_md = experiment.evaluate_runs(a.runs, a.out, data=a.data, split=a.split, n_pairs=a.pairs,
                                         budget=a.max_folds, progress=not a.no_progress,

@@ -206,14 +206,19 @@ def fit_warning(infos: List[FitInfo], shape: Sequence[int], spacing: Optional[fl
 # ------------------------------------------------------------------------------------------------------------
 # command-line arguments (the commands that train or evaluate on --data)
 # ------------------------------------------------------------------------------------------------------------
+def check_needs_data(args):
+    """``--inshape`` / ``--spacing`` describe a user's scans (``--data``): refused without it, before anything runs."""
+    given = any(getattr(args, n, None) is not None for n in ("inshape", "spacing"))
+    if given and getattr(args, "data", None) is None:
+        raise ContraRegInputError("--inshape / --spacing apply to --data; the built-in data is built on its own grid")
+
+
 def grid_config(cfg, args):
-    """``(cfg, spacing)`` from the ``--inshape`` / ``--spacing`` options (``cli.add_grid_options``): the preset with ``inshape`` replaced
-    (checked against its dimensionality and U-Net depth) and the resampling voxel size (None: crop/pad).
-    Both options need ``--data``: the built-in data is built on the preset's own grid."""
+    """``(cfg, spacing)`` from the ``--inshape`` / ``--spacing`` options (``cli.add_grid_options``): the preset with
+    ``inshape`` replaced (checked against its dimensionality and U-Net depth) and the resampling voxel size (None:
+    crop/pad). Both options need ``--data`` (:func:`check_needs_data`)."""
+    check_needs_data(args)
     inshape, spacing = getattr(args, "inshape", None), getattr(args, "spacing", None)
-    if (inshape is not None or spacing is not None) and getattr(args, "data", None) is None:
-        raise ContraRegInputError("--inshape / --spacing apply to --data; the built-in data is built on the "
-                                  "preset's grid")
     if inshape is not None:
         shape = check_grid(inshape, len(cfg.inshape), 2 ** (cfg.nb_levels - 1), spacing)
         cfg = dataclasses.replace(cfg, inshape=shape, ae_crop=tuple(min(a, b) for a, b in zip(cfg.ae_crop, shape)))

@@ -23,6 +23,7 @@ random draws come from a checkpointed ``tf.random.Generator``, so a resumed run 
 uninterrupted run would have drawn. (``tf.random.set_seed`` per step would also do it, but it clears TF's kernel
 caches: 10× slower.)
 """
+import contextlib
 import csv
 import glob
 import json
@@ -184,18 +185,17 @@ def _run(step_fn, batch_fn, ckpt, manager, writer, ckpt_dir, iters, ckpt_every, 
     history = []
     # the first step traces and compiles the graph (seconds to minutes): its own line, then the bar (or, without
     # a bar, one line per checkpoint) so that no phase of a training is silent
-    bar = _NoBar()
-    t_last, step_last = time.time(), start
+    bar = tqdm(disable=True)            # replaced by the real bar once the first step is done
     for step in range(start, iters):
+        first = step == start
         try:
-            if step == start:
-                with phase(f"{desc}: first step {step + 1} of {iters} (builds the training graph)"):
-                    terms = {k: float(v) for k, v in step_fn(_distribute(strategy, batch_fn(step))).items()}
-                if progress:
-                    bar = tqdm(total=iters, initial=step + 1, desc=desc, dynamic_ncols=True)
+            with phase(f"{desc}: first step {step + 1} of {iters} (builds the training graph)") if first \
+                    else contextlib.nullcontext():
+                terms = {k: float(v) for k, v in step_fn(_distribute(strategy, batch_fn(step))).items()}
+            if first:
+                bar = tqdm(total=iters, initial=step + 1, desc=desc, dynamic_ncols=True, disable=not progress)
                 t_last, step_last = time.time(), step + 1
             else:
-                terms = {k: float(v) for k, v in step_fn(_distribute(strategy, batch_fn(step))).items()}
                 bar.update(1)
         except tf.errors.InvalidArgumentError as e:
             # a NaN velocity turns into out-of-range gather indices inside vxm's interpolation
@@ -246,19 +246,6 @@ def _save(manager, number, latest):
         raise ContraRegInputError(f"{manager.directory}: cannot write checkpoint {number} ({why}); the last "
                                   f"complete checkpoint is kept: {latest() or 'none'} (--resume continues "
                                   "from it)") from None
-
-
-class _NoBar:
-    """Stands in for the tqdm bar before the first step and without ``progress``."""
-
-    def update(self, n):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
 
 
 def _restore_newest_readable(ckpt, paths):

@@ -33,12 +33,9 @@ def wrong_layout_ae(filters):
     return tf.keras.Model(inp, [L.Conv2D(filters[-1], 3, padding="same")(x)] + feats[:6])
 
 
-def main(iters=1500):
-    cfg = get_preset("cpu-demo")
-    desc = experiment.resolve_data(cfg)
-    x = experiment.split_arrays(desc, "train", cfg)["t1"][..., None].astype(np.float32)
-    tf.keras.utils.set_random_seed(0)
-    model, opt, rng = wrong_layout_ae(cfg.ae_filters), tf.keras.optimizers.Adam(1e-3), np.random.default_rng(0)
+def fit(model, x, iters, seed=0):
+    """L1 reconstruction, Adam 1e-3, batches of 4 images drawn from ``x`` (N, *vol, 1) with ``seed``."""
+    opt, rng = tf.keras.optimizers.Adam(1e-3), np.random.default_rng(seed)
 
     @tf.function
     def step(b):
@@ -48,6 +45,15 @@ def main(iters=1500):
 
     for _ in range(iters):
         step(x[rng.integers(0, len(x), 4)])
+
+
+def main(iters=1500):
+    cfg = get_preset("cpu-demo")
+    desc = experiment.resolve_data(cfg)
+    x = experiment.split_arrays(desc, "train", cfg)["t1"][..., None].astype(np.float32)
+    tf.keras.utils.set_random_seed(0)
+    model = wrong_layout_ae(cfg.ae_filters)
+    fit(model, x, iters)
     model.save_weights(os.path.join(HERE, "ae_wrong_layout_2d.h5"))
     probe = experiment.split_arrays(desc, "test", cfg)["t1"][:3].astype(np.float32)
     np.save(os.path.join(HERE, "ae_probe_t1_2d.npy"), probe)
