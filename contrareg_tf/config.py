@@ -166,17 +166,6 @@ class IOConfig:
     deformable: str = "auto"
     deformable_min_gain: float = 0.5
 
-    def schedule(self) -> dict:
-        """The ``instance_opt.instance_optimise`` keyword arguments of this preset."""
-        return dict(levels=self.levels, lrs=list(self.lrs), iters=list(self.iters),
-                    reg_weights=list(self.reg_weights), smooth_sigma=self.smooth_sigma, min_scale=self.min_scale,
-                    max_scale=self.max_scale, level_features=self.level_features,
-                    sample_stride=(self.sample_stride if isinstance(self.sample_stride, int)
-                                   else list(self.sample_stride)), grid_step=self.grid_step,
-                    convex_init=self.convex_init, convex_grid=self.convex_grid, convex_hw=self.convex_hw,
-                    convex_coeffs=list(self.convex_coeffs), convex_ic_iters=self.convex_ic_iters,
-                    convex_cost_smooth=self.convex_cost_smooth)
-
 
 IO_PAPER = IOConfig()
 IO_PRESETS = {"paper": IO_PAPER}
